@@ -1,0 +1,140 @@
+"""Relax IRModule -> compiled library for a preset.
+
+The pipeline: library dispatch, legalize and fuse (the same preparation as tuning task extraction, so
+database keys match) -> tuning records from the database -> a default schedule for every function
+without a record (our CPU defaults, dlight on GPU) -> lowering -> codegen. The library is exported as a
+shared object: cross-linked for aarch64, with the CUDA kernels embedded for CUDA presets.
+"""
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ToolMissingError
+from .targets import Preset
+
+
+@dataclass
+class BuildReport:
+    """What scheduled each fused function of the model."""
+
+    from_records: list[str] = field(default_factory=list)
+    default_schedule: list[str] = field(default_factory=list)
+    unscheduled: list[str] = field(default_factory=list)
+
+
+def _backend(target):
+    """TVM's per-backend pass lists (tvm.relax.pipeline's dispatch misses cpu's dataflow_lower_passes)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    return cuda if target.kind.name == "cuda" else cpu
+
+
+def prepare(mod, target):
+    """Legalize and fuse: the form in which tuning tasks are extracted and records are applied."""
+    import tvm
+    from tvm import relax
+
+    passes = [
+        *_backend(target).library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _prim_funcs(mod):
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and func.attrs.get("tir.is_scheduled", False))
+
+
+def schedule(mod, preset: Preset, database=None):
+    """Schedule every fused function of a prepared module: records first, defaults for the rest."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    target = preset.target
+    report = BuildReport()
+    if database is not None:
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        report.from_records = sorted(name for name, f in _prim_funcs(mod).items() if _is_scheduled(f))
+    if preset.family == "cuda":
+        with target:
+            mod = dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            )(mod)
+        report.unscheduled = []
+    else:
+        from .default_schedule import apply_default_schedules
+
+        mod, report.unscheduled = apply_default_schedules(mod, target)
+    report.default_schedule = sorted(
+        name for name in _prim_funcs(mod) if name not in report.from_records and name not in report.unscheduled
+    )
+    return mod, report
+
+
+def build(mod, preset: Preset, database=None):
+    """Compile a Relax module (as imported) for a preset. Returns (VMExecutable, BuildReport)."""
+    import tvm
+    from tvm import relax
+
+    target = preset.target
+    backend = _backend(target)
+    mod = prepare(mod, target)
+    mod, report = schedule(mod, preset, database)
+
+    @tvm.transform.module_pass(opt_level=3)
+    def lower(mod, _ctx):
+        passes = backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+        return tvm.transform.Sequential(passes)(mod)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        executable = relax.build(mod, target=target, relax_pipeline=lower)
+    return executable, report
+
+
+def check_cross_compiler(preset: Preset) -> None:
+    if preset.cross_compiler and shutil.which(preset.cross_compiler) is None:
+        raise ToolMissingError(
+            f"the cross compiler {preset.cross_compiler} for preset {preset.name} is not installed; install it "
+            f"with `apt-get install {preset.cross_compiler_package}` (or run `bash scripts/install.sh`)"
+        )
+
+
+def export_library(executable, preset: Preset, path: Path) -> None:
+    """Write the shared object: cross-linked for aarch64, native otherwise."""
+    from tvm.support import cc
+
+    if preset.cross_compiler:
+        check_cross_compiler(preset)
+        executable.export_library(str(path), fcompile=cc.cross_compiler(preset.cross_compiler))
+    else:
+        executable.export_library(str(path))
+
+
+def cuda_source(executable) -> str:
+    """The generated CUDA C source of an executable built for a CUDA preset."""
+
+    def find(module):
+        if module.kind == "cuda":
+            return module.inspect_source("cuda")
+        for imported in module.imports:
+            found = find(imported)
+            if found is not None:
+                return found
+        return None
+
+    return find(executable.mod) or ""

@@ -1,0 +1,48 @@
+"""Errors a user can act on.
+
+Every error raised for bad input derives from :class:`EffconvError`; the command-line tools print its
+message (which names the problem and the fix) and exit with status 2, without a traceback.
+"""
+
+import sys
+
+
+class EffconvError(Exception):
+    """A problem with the user's input or environment, with a message that says how to fix it."""
+
+
+class UnknownPresetError(EffconvError):
+    pass
+
+
+class ModelLoadError(EffconvError):
+    pass
+
+
+class UnsupportedOpsError(EffconvError):
+    pass
+
+
+class ToolMissingError(EffconvError):
+    pass
+
+
+class DeviceError(EffconvError):
+    """The device (RPC server, emulated or real) is unreachable, died, or cannot run the artifact."""
+
+
+class VerificationError(EffconvError):
+    pass
+
+
+def run_cli(main, argv=None):
+    """Run a command-line ``main(argv) -> int``, turning EffconvError into a one-line message."""
+    try:
+        code = main(argv)
+    except EffconvError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
