@@ -5,6 +5,7 @@ message (which names the problem and the fix) and exit with status 2, without a 
 """
 
 import sys
+import warnings
 
 
 class EffconvError(Exception):
@@ -37,6 +38,9 @@ class VerificationError(EffconvError):
 
 def run_cli(main, argv=None):
     """Run a command-line ``main(argv) -> int``, turning EffconvError into a one-line message."""
+    # torch's export and jit machinery warn about their own internals on every call; users can't act on it.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is deprecated. Please switch to")
     try:
         code = main(argv)
     except EffconvError as err:
