@@ -60,7 +60,6 @@ def _is_scheduled(func) -> bool:
 
 def schedule(mod, preset: Preset, database=None):
     """Schedule every fused function of a prepared module: records first, defaults for the rest."""
-    import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
 

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
+import uuid
 from pathlib import Path
 
 from . import __version__, frontend, verify
 from .build import build, check_cross_compiler, cuda_source, export_library
-from .errors import DeviceError, EffconvError, ToolMissingError, VerificationError, run_cli
+from .errors import EffconvError, ToolMissingError, VerificationError, run_cli
 from .targets import get_preset
 from .tuning import load_records, records_dir
 
@@ -38,28 +38,29 @@ def _sha256(path: Path) -> str:
 
 
 def _verify_arm(preset, library: Path, inputs, expected, device_address, log) -> dict:
-    from .device import emulator, rpc
+    from .device import emulator
 
     if device_address:
-        return _verify_on_device(preset, library, inputs, expected, device_address, f"device {device_address}", log)
+        return _verify_on_device(preset, library, inputs, expected, device_address, f"device {device_address}")
     log(f"starting the emulated device (qemu -cpu {preset.qemu_cpu})")
     with emulator.start(preset.qemu_cpu) as device:
         where = f"emulated aarch64 device (qemu -cpu {preset.qemu_cpu}) at {device.address}"
-        result = _verify_on_device(preset, library, inputs, expected, device.address, where, log)
+        result = _verify_on_device(preset, library, inputs, expected, device.address, where)
     result["note"] = "emulated device: checks correctness and ISA legality, not speed"
     return result
 
 
-def _verify_on_device(preset, library: Path, inputs, expected, address, where, log) -> dict:
+def _verify_on_device(preset, library: Path, inputs, expected, address, where) -> dict:
     from .device import rpc
 
     session = rpc.connect(address)
-    features = rpc.device_features(session)
-    rpc.check_features(preset.required_cpu_features(), features, f"the artifact for preset {preset.name}")
-    with rpc.device_errors(f"running {library.name} on {where}"):
-        session.upload(str(library))
-        remote_lib = session.load_module(library.name)
-        outputs = verify.run_vm(remote_lib, session.cpu(), inputs)
+    features = rpc.device_features(session, address)
+    rpc.check_features(preset.required_cpu_features(), features, f"preset {preset.name}")
+    # A fresh remote name: replacing a library the server has already loaded crashes it.
+    remote_name = f"model-{uuid.uuid4().hex}.so"
+    with rpc.device_errors(f"running {library.name} on {where}", address):
+        session.upload(str(library), target=remote_name)
+        outputs = verify.run_vm(session.load_module(remote_name), session.cpu(), inputs)
     comparison = verify.compare(outputs, expected)
     return {"where": where, "device_features": features["features"], **_comparison_dict(comparison)}
 
