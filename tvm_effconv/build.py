@@ -54,31 +54,44 @@ def _prim_funcs(mod):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
-def _is_scheduled(func) -> bool:
-    return bool(func.attrs is not None and func.attrs.get("tir.is_scheduled", False))
+# The attribute TVM's passes (dlight, MetaScheduleApplyDatabase) set and respect on a scheduled PrimFunc.
+SCHEDULED_ATTR = "tirx.is_scheduled"
 
 
-def schedule(mod, preset: Preset, database=None):
-    """Schedule every fused function of a prepared module: records first, defaults for the rest."""
-    from tvm import relax
+def is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False))
+
+
+def default_schedule_module(mod, preset: Preset):
+    """Schedule every not yet scheduled function: effconv rules with default knobs, then our CPU
+    defaults or dlight's GPU rules. Returns (module, names of functions left unscheduled)."""
     from tvm.s_tir import dlight as dl
 
+    from .schedule_rules import apply_default_rules
+
     target = preset.target
-    report = BuildReport()
-    if database is not None:
-        with target, database:
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        report.from_records = sorted(name for name, f in _prim_funcs(mod).items() if _is_scheduled(f))
+    mod, _ = apply_default_rules(mod, target)
     if preset.family == "cuda":
         with target:
             mod = dl.ApplyDefaultSchedule(
                 dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
             )(mod)
-        report.unscheduled = []
-    else:
-        from .default_schedule import apply_default_schedules
+        return mod, []
+    from .default_schedule import apply_default_schedules
 
-        mod, report.unscheduled = apply_default_schedules(mod, target)
+    return apply_default_schedules(mod, target)
+
+
+def schedule(mod, preset: Preset, database=None):
+    """Schedule every fused function of a prepared module: records first, defaults for the rest."""
+    from tvm import relax
+
+    report = BuildReport()
+    if database is not None:
+        with preset.target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        report.from_records = sorted(name for name, f in _prim_funcs(mod).items() if is_scheduled(f))
+    mod, report.unscheduled = default_schedule_module(mod, preset)
     report.default_schedule = sorted(
         name for name in _prim_funcs(mod) if name not in report.from_records and name not in report.unscheduled
     )

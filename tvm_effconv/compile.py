@@ -103,6 +103,7 @@ def compile_model(
     records: str | None = None,
     run_verify: bool = True,
     device: str | None = None,
+    require_records: bool = False,
     log=print,
 ) -> Path:
     """Compile ``model`` for preset ``target`` into ``output``; returns the artifact directory."""
@@ -128,7 +129,7 @@ def compile_model(
     mod = frontend.to_relax(loaded.exported)
 
     folder = records_dir(preset.name, records)
-    found = load_records(folder)
+    found = load_records(folder, preset.target)
     for problem in found.problems:
         log(f"warning: {problem}")
     log(f"compiling for {preset.name}: {preset.target.export()}")
@@ -142,6 +143,13 @@ def compile_model(
         log(f"  to tune them: python -m tvm_effconv.tune {model} --target {preset.name}")
     if report.unscheduled:
         log("warning: no schedule could be applied to: " + ", ".join(report.unscheduled))
+    if require_records and (report.default_schedule or report.unscheduled):
+        missing = report.default_schedule + report.unscheduled
+        raise EffconvError(
+            f"--require-records: {len(missing)} workload(s) have no applicable record in {folder}: {', '.join(missing)}. "
+            "If the model changed, or a TVM upgrade changed the workload hashes, re-tune: "
+            f"python -m tvm_effconv.tune {model} --target {preset.name}"
+        )
 
     out_dir = Path(output) if output else Path("build") / f"{loaded.name}-{preset.name}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -229,12 +237,14 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code)")
     parser.add_argument("--records", help="tuning records folder (default schedules/<preset>)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the comparison with PyTorch")
+    parser.add_argument("--require-records", action="store_true",
+                        help="fail unless every workload has a tuning record (CI uses this)")
     parser.add_argument("--device", metavar="HOST:PORT",
                         help="verify ARM builds on this running RPC device instead of a freshly started emulated one")
     args = parser.parse_args(argv)
     compile_model(
         args.model, args.target, args.output, args.input_shape, args.trust_pickle, args.records,
-        args.verify, args.device, log=lambda msg: print(msg, flush=True),
+        args.verify, args.device, args.require_records, log=lambda msg: print(msg, flush=True),
     )
     return 0
 

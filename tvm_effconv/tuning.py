@@ -1,25 +1,40 @@
-"""MetaSchedule tuning records: where they live and how compile reads them.
+"""MetaSchedule tuning records: where they live, how they are read, merged and written.
 
-Records of a preset are committed in ``schedules/<preset>/`` in MetaSchedule's JSON database format
-(``database_workload.json`` + ``database_tuning_record.json``).
+Records of a preset are committed in ``schedules/<preset>/`` in MetaSchedule's JSON database format:
+``database_workload.json`` (one workload per line: structural hash + the TIR module) and
+``database_tuning_record.json`` (one measured schedule per line: workload index, trace, run times,
+target, argument info). Reading is line by line: a corrupt line, a record for another target or a
+foreign file is reported and skipped, and the rest is used. Writing merges, keeps the best record per
+workload, and replaces the folder in one rename, so a reader never sees half a database.
 """
 
 import hashlib
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEDULES_DIR = Path(os.environ.get("TVM_EFFCONV_SCHEDULES", Path(__file__).resolve().parent.parent / "schedules"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
+# Besides the database, a records folder may hold a README that says how the records were made.
+ALLOWED_EXTRA = ("README.md",)
+
+# Target attributes that decide whether a schedule fits: a record tuned for another CPU or GPU
+# architecture may not even compile (intrinsics), so it is never applied.
+TARGET_IDENTITY = ("kind", "mtriple", "mcpu", "mattr", "arch")
 
 
 @dataclass
 class Records:
-    """A loaded records folder: the database (None when there is nothing usable) and what was found."""
+    """The usable records of a folder (``database`` is None when there are none) and what was wrong."""
 
     directory: Path
     database: object = None
+    workloads: int = 0
+    records: int = 0
     files: dict = field(default_factory=dict)  # file name -> sha256
     problems: list[str] = field(default_factory=list)
 
@@ -28,22 +43,132 @@ def records_dir(preset_name: str, override: str | os.PathLike | None = None) -> 
     return Path(override) if override else SCHEDULES_DIR / preset_name
 
 
-def load_records(directory: Path) -> Records:
-    records = Records(directory=directory)
-    workload, tuning = directory / WORKLOAD_FILE, directory / RECORD_FILE
-    if not workload.is_file() or not tuning.is_file():
-        if directory.is_dir() and any(directory.iterdir()):
-            records.problems.append(f"{directory} has no {WORKLOAD_FILE} + {RECORD_FILE} pair; nothing applied")
-        return records
+def target_identity(target) -> dict:
+    exported = target.export()
+    return {key: _plain(exported[key]) for key in TARGET_IDENTITY if key in exported}
+
+
+def _plain(value):
+    return [str(v) for v in value] if not isinstance(value, str) and hasattr(value, "__len__") else str(value)
+
+
+def _read_lines(path: Path, what: str, problems: list[str]) -> list:
+    """JSON values of a file's lines; an unreadable line becomes None (and a problem)."""
+    values = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            values.append(json.loads(line))
+        except ValueError:
+            problems.append(f"{path.name} line {number} is corrupt (not JSON); skipped that {what}")
+            values.append(None)
+    return values
+
+
+def load_records(directory: Path, target) -> Records:
+    """Read a records folder for ``target`` into an in-memory MetaSchedule database."""
     from tvm.s_tir import meta_schedule as ms
 
-    try:
-        records.database = ms.database.JSONDatabase(
-            path_workload=str(workload), path_tuning_record=str(tuning), allow_missing=False
+    found = Records(directory=directory)
+    if not directory.is_dir():
+        return found
+    for entry in sorted(directory.iterdir()):
+        if entry.name not in DATABASE_FILES + ALLOWED_EXTRA:
+            found.problems.append(f"{entry} is not part of a MetaSchedule database; ignored it")
+    paths = [directory / name for name in DATABASE_FILES]
+    if not all(p.is_file() for p in paths):
+        if any(p.is_file() for p in paths):
+            found.problems.append(f"{directory} needs both {WORKLOAD_FILE} and {RECORD_FILE}; nothing applied")
+        return found
+    found.files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    workloads = []
+    for number, value in enumerate(_read_lines(paths[0], "workload", found.problems), start=1):
+        try:
+            workloads.append(ms.database.Workload.from_json(value) if value is not None else None)
+        except Exception:  # TVM raises several types for a malformed module
+            found.problems.append(f"{WORKLOAD_FILE} line {number} is not a valid workload; skipped it")
+            workloads.append(None)
+
+    want = target_identity(target)
+    database = ms.database.MemoryDatabase()
+    foreign_targets: dict[str, int] = {}
+    for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):
+        if value is None:
+            continue
+        try:
+            index, body = value
+            workload = workloads[index]
+            if workload is None:
+                found.problems.append(f"{RECORD_FILE} line {number} refers to a bad workload; skipped it")
+                continue
+            record = ms.database.TuningRecord.from_json(body, workload)
+        except Exception:
+            found.problems.append(f"{RECORD_FILE} line {number} is not a valid tuning record; skipped it")
+            continue
+        have = target_identity(record.target)
+        if have != want:
+            key = json.dumps(have, sort_keys=True)
+            foreign_targets[key] = foreign_targets.get(key, 0) + 1
+            continue
+        database.commit_tuning_record(
+            ms.database.TuningRecord(
+                record.trace, database.commit_workload(workload.mod), record.run_secs, record.target, record.args_info
+            )
         )
-    except Exception as err:  # a corrupt database must not stop a compile
-        records.problems.append(f"cannot read the records in {directory} ({str(err).splitlines()[0]}); ignored them")
-        return records
-    for path in (workload, tuning):
-        records.files[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return records
+        found.records += 1
+    for key, count in foreign_targets.items():
+        found.problems.append(
+            f"{count} record(s) in {directory} were tuned for another target {key}, not {json.dumps(want, sort_keys=True)}; "
+            "ignored them (tune for this preset, or pass the right --records folder)"
+        )
+    if found.records:
+        found.database = database
+        found.workloads = len({str(r.workload.as_json()[0]) for r in database.get_all_tuning_records()})
+    return found
+
+
+def mean_seconds(run_secs) -> float:
+    return sum(float(getattr(s, "value", s)) for s in run_secs) / len(run_secs)
+
+
+def best_records(databases) -> list:
+    """The fastest successful record of every workload found in ``databases``."""
+    best: dict = {}
+    for database in databases:
+        for record in database.get_all_tuning_records():
+            if not record.run_secs:
+                continue
+            seconds = mean_seconds(record.run_secs)
+            key = tuple(str(part) for part in record.workload.as_json())  # (structural hash, module)
+            if key not in best or seconds < best[key][0]:
+                best[key] = (seconds, record)
+    return [record for _, record in sorted(best.values(), key=lambda item: item[0])]
+
+
+def write_records(directory: Path, records: list) -> None:
+    """Write ``records`` (one per workload) as a MetaSchedule JSON database, replacing the folder's
+    database in a single rename. Other files in the folder are carried over."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.new-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        workload_lines, record_lines = [], []
+        for index, record in enumerate(records):
+            workload_lines.append(json.dumps(record.workload.as_json()))
+            record_lines.append(json.dumps([index, record.as_json()]))
+        (staging / WORKLOAD_FILE).write_text("".join(line + "\n" for line in workload_lines))
+        (staging / RECORD_FILE).write_text("".join(line + "\n" for line in record_lines))
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name not in DATABASE_FILES:
+                    shutil.move(str(entry), staging / entry.name)
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            directory.rename(old)
+            staging.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

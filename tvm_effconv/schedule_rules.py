@@ -1,0 +1,112 @@
+"""Schedule rules of the effconv ops: one function per op and target family, tunable by MetaSchedule.
+
+An op's compute tags its main block with the annotation ``schedule_rule = "<rule name>"``. A rule is
+``rule(sch, block, knobs, variant)``: it schedules ``block`` of ``sch`` and asks ``knobs`` for every tunable
+decision (tile sizes, unroll depth, vector width); ``variant`` picks one of the kernel variants the rule
+was registered with. The same function serves two masters:
+
+- tuning: MetaSchedule's ApplyCustomRule calls the global function ``s_tir.meta_schedule.<key>.<name>``
+  for a tagged block; it returns one schedule per variant, each with :class:`SampledKnobs`, whose draws
+  are trace instructions, so the search mutates them and records replay them;
+- compiling without a record: :func:`apply_default_rules` applies the first variant with
+  :class:`DefaultKnobs`, the defaults each rule states next to each knob.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+RULE_ANNOTATION = "schedule_rule"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    target_key: str  # TVM target key: "cpu", "arm_cpu", "cuda"
+    function: Callable
+    variants: tuple[str, ...]
+
+
+# (rule name, target key) -> Rule
+RULES: dict[tuple[str, str], Rule] = {}
+
+
+class SampledKnobs:
+    """Knobs drawn by MetaSchedule's sampling instructions (used while tuning)."""
+
+    def __init__(self, sch):
+        self.sch = sch
+
+    def tile(self, loop, parts: int, default: Sequence[int], max_innermost: int = 64):
+        return self.sch.sample_perfect_tile(loop, n=parts, max_innermost_factor=max_innermost)
+
+    def choice(self, candidates: Sequence[int], default: int):
+        return self.sch.sample_categorical(list(candidates), [1.0 / len(candidates)] * len(candidates))
+
+
+class DefaultKnobs:
+    """Each knob's stated default (used to compile without a tuning record)."""
+
+    def tile(self, loop, parts: int, default: Sequence[int], max_innermost: int = 64):
+        return list(default)
+
+    def choice(self, candidates: Sequence[int], default: int):
+        return default
+
+
+def register_rule(name: str, target_keys: Sequence[str], variants: Sequence[str] = ("default",)):
+    """Register ``rule(sch, block, knobs, variant)`` for blocks annotated ``schedule_rule = name``."""
+    import tvm_ffi
+
+    def register(function):
+        for key in target_keys:
+            RULES[(name, key)] = Rule(name, key, function, tuple(variants))
+
+            def design_space(sch, block, function=function):
+                spaces = []
+                for variant in variants:
+                    fork = sch.copy()
+                    function(fork, block, SampledKnobs(fork), variant)
+                    spaces.append(fork)
+                return spaces
+
+            tvm_ffi.register_global_func(f"s_tir.meta_schedule.{key}.{name}", design_space, override=True)
+        return function
+
+    return register
+
+
+def find_rule(sch, target):
+    """(block RV, Rule) of the first block of ``sch`` annotated with a rule registered for ``target``."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        annotations = sch.get(block).annotations
+        if RULE_ANNOTATION not in annotations:
+            continue
+        for key in target.keys:
+            rule = RULES.get((str(annotations[RULE_ANNOTATION]), str(key)))
+            if rule is not None:
+                return block, rule
+    return None
+
+
+def apply_default_rules(mod, target):
+    """Schedule every PrimFunc whose block has a registered rule, with default knobs.
+
+    Returns the module and the names of the functions it scheduled."""
+    import tvm
+    from tvm import s_tir
+
+    from .build import SCHEDULED_ATTR, is_scheduled
+
+    scheduled = []
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
+            continue
+        sch = s_tir.Schedule(func)
+        match = find_rule(sch, target)
+        if match is None:
+            continue
+        block, rule = match
+        rule.function(sch, block, DefaultKnobs(), rule.variants[0])
+        mod[gv] = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+        scheduled.append(gv.name_hint)
+    return mod, scheduled

@@ -1,0 +1,354 @@
+"""Tune a model's workloads with MetaSchedule and keep the best schedules as committed records.
+
+    python -m tvm_effconv.tune MODEL --target PRESET [--trials N] [--records DIR]
+                               [--rpc-tracker HOST:PORT --rpc-key KEY] [--only OPS]
+    python -m tvm_effconv.tune --prune [--target PRESET | --records DIR]
+
+Tasks are the model's fused functions (the same form compile applies records to). The host measures
+locally; a device measures through an RPC tracker, which spreads the candidates over every device
+registered under the key. Measured records land in a work database as they come; at the end, or when
+the run is interrupted, they are merged into the records folder (best per workload, one atomic
+rename). Running the same command again resumes: tasks already tuned with the requested trials are
+skipped.
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import frontend
+from .build import default_schedule_module, prepare
+from .errors import EffconvError, run_cli
+from .targets import get_preset
+from .tuning import best_records, load_records, records_dir, write_records
+
+WORK_ROOT_ENV = "TVM_EFFCONV_CACHE"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class TaskResult:
+    name: str
+    weight: int
+    trials: int = 0
+    untuned_ms: float | None = None
+    tuned_ms: float | None = None
+    note: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        if self.untuned_ms and self.tuned_ms:
+            return self.untuned_ms / self.tuned_ms
+        return None
+
+
+@dataclass
+class TuneReport:
+    preset: str
+    records: Path
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+    emulated: bool = False
+
+    def table(self) -> str:
+        rows = [f"{'task':<40} {'weight':>6} {'trials':>6} {'untuned ms':>11} {'tuned ms':>9} {'speed-up':>8}"]
+        for t in self.tasks:
+            untuned = f"{t.untuned_ms:.4f}" if t.untuned_ms is not None else "-"
+            tuned = f"{t.tuned_ms:.4f}" if t.tuned_ms is not None else "-"
+            speedup = f"{t.speedup:.2f}x" if t.speedup else "-"
+            rows.append(f"{t.name[:40]:<40} {t.weight:>6} {t.trials:>6} {untuned:>11} {tuned:>9} {speedup:>8}  {t.note}")
+        return "\n".join(rows)
+
+
+def work_dir(records: Path) -> Path:
+    """Where a tuning run for ``records`` keeps its MetaSchedule database and logs (for resuming)."""
+    import os
+
+    root = Path(os.environ.get(WORK_ROOT_ENV, Path.home() / ".cache" / "tvm-effconv")) / "tuning"
+    digest = hashlib.sha256(str(records.resolve()).encode()).hexdigest()[:12]
+    return root / f"{records.name}-{digest}"
+
+
+def _task_key(task) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule builder build. TVM's default also imports every tensor intrinsic, which parses
+    hundreds of TVMScript functions in each fresh worker (a minute per batch on 2 busy cores); the
+    candidates arrive already tensorized, so building needs none of them."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def export_shared_object(module, compiler: str) -> str:
+    """MetaSchedule builder export: a shared object cross-linked on the host, so the device needs no
+    compiler. Runs in the builder's worker processes."""
+    import os
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tuned.so")
+    module.export_library(path, fcompile=cc.cross_compiler(compiler))
+    return path
+
+
+class _Progress:
+    """Prints one line per measured batch: task, trials, best time, elapsed and remaining time."""
+
+    def __init__(self, results: list[TaskResult], trials: int, log):
+        self.results, self.trials, self.log = results, trials, log
+        self.started = time.time()
+        self.done = 0
+
+    def __call__(self, task_id: int, runner_results) -> None:
+        result = self.results[task_id]
+        for run in runner_results:
+            result.trials += 1
+            self.done += 1
+            if run.error_msg is None and run.run_secs:
+                ms = 1e3 * sum(float(s) for s in run.run_secs) / len(run.run_secs)
+                result.tuned_ms = ms if result.tuned_ms is None else min(result.tuned_ms, ms)
+        total = self.trials * len(self.results)
+        elapsed = time.time() - self.started
+        remaining = elapsed / self.done * (total - self.done) if self.done else 0.0
+        best = f"{result.tuned_ms:.4f} ms" if result.tuned_ms is not None else "no valid candidate yet"
+        finished = sum(r.trials >= self.trials for r in self.results)
+        self.log(
+            f"[{_clock(elapsed)}] task {task_id + 1}/{len(self.results)} {result.name}: "
+            f"{result.trials}/{self.trials} trials, best {best} | tasks done {finished}/{len(self.results)}, "
+            f"remaining ~{_clock(remaining)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def _measure_callback(progress: _Progress):
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            progress(task_id, runner_results)
+
+    return ProgressCallback()
+
+
+def _builder_and_runner(preset, tracker: str | None, key: str | None, timeout: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    if preset.family == "arm" and not tracker:
+        raise EffconvError(
+            f"tuning for {preset.name} measures on a device: pass --rpc-tracker HOST:PORT --rpc-key KEY "
+            "(an emulated device registers with `python -m tvm_effconv.device emulate --preset "
+            f"{preset.name} --tracker HOST:PORT --key KEY`)"
+        )
+    f_export = functools.partial(export_shared_object, compiler=preset.cross_compiler) if preset.cross_compiler else None
+    builder = ms.builder.LocalBuilder(timeout_sec=120, f_build=build_candidate, f_export=f_export)
+    if not tracker:
+        return builder, ms.runner.LocalRunner(timeout_sec=timeout)
+    from .device import rpc
+
+    host, port = rpc.parse_address(tracker)
+    summary = rpc.tracker_summary(tracker)
+    if not any(str(key) == str(entry.get("key", "")) for entry in summary.get("server_info", [])):
+        raise EffconvError(
+            f"no device is registered under key {key!r} at the tracker {tracker}; start one with "
+            f"`python -m tvm_effconv.device emulate --preset {preset.name} --tracker {tracker} --key {key}` "
+            "or register a board's rpc_server with that key"
+        )
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=int(timeout))
+    return builder, ms.runner.RPCRunner(rpc_config=config, evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1))
+
+
+def _measure_default(tasks, preset, builder, runner) -> list[float | None]:
+    """Run time (ms) of each task under the default schedule, measured like the tuning candidates."""
+    from tvm.s_tir import meta_schedule as ms
+
+    modules = [default_schedule_module(task.dispatched[0], preset)[0] for task in tasks]
+    built = builder.build([ms.builder.BuilderInput(mod, preset.target) for mod in modules])
+    futures = {}
+    for index, (mod, result) in enumerate(zip(modules, built)):
+        if result.error_msg is None:
+            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            futures[index] = runner.run([ms.runner.RunnerInput(result.artifact_path, preset.target.kind.name, args)])[0]
+    times: list[float | None] = [None] * len(tasks)
+    for index, future in futures.items():
+        run = future.result()
+        if run.error_msg is None and run.run_secs:
+            times[index] = 1e3 * sum(float(s) for s in run.run_secs) / len(run.run_secs)
+    return times
+
+
+def _quiet_metaschedule_console() -> None:
+    """MetaSchedule logs its own tables to the console; its log files keep them, our progress lines suffice."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def merge_into_records(folder: Path, work: Path, target, log) -> int:
+    """Merge the work database (if any) into the records folder; returns the workloads written."""
+    from tvm.s_tir import meta_schedule as ms
+
+    sources = []
+    current = load_records(folder, target)
+    if current.database is not None:
+        sources.append(current.database)
+    if (work / "database_tuning_record.json").is_file():
+        sources.append(ms.database.JSONDatabase(work_dir=str(work)))
+    records = best_records(sources)
+    if records:
+        write_records(folder, records)
+    return len(records)
+
+
+def tune_model(model: str, target: str, trials: int = 64, records: str | None = None, tracker: str | None = None,
+               key: str | None = None, only: list[str] = (), input_shapes: list[str] = (), trust_pickle: bool = False,
+               timeout: float = 60, log=print) -> TuneReport:
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials < 1:
+        raise EffconvError(f"--trials must be at least 1 (got {trials})")
+    preset = get_preset(target)
+    key = key or preset.rpc_key
+    builder, runner = _builder_and_runner(preset, tracker, key, timeout)
+    specs = [frontend.InputSpec.parse(s) for s in input_shapes]
+    loaded = frontend.load_model(model, specs, trust_pickle)
+    prepared = prepare(frontend.to_relax(loaded.exported), preset.target)
+    tasks = list(ms.relax_integration.extract_tasks(prepared, preset.target))
+    if only:
+        chosen = [t for t in tasks if any(op in t.task_name for op in only)]
+        if not chosen:
+            raise EffconvError(
+                f"--only {','.join(only)} matches none of the model's tasks: {', '.join(t.task_name for t in tasks)}"
+            )
+        tasks = chosen
+
+    folder = records_dir(preset.name, records)
+    work = work_dir(folder)
+    report = TuneReport(preset=preset.name, records=folder, emulated=preset.family == "arm")
+    if report.emulated:
+        log("note: measurements on an emulated device check the plumbing only; their timings mean nothing for real boards")
+    if (work / "database_tuning_record.json").is_file():
+        log(f"resuming: merged {merge_into_records(folder, work, preset.target, log)} workloads of an interrupted run into {folder}")
+    progress_path = work / PROGRESS_FILE
+    done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    existing = load_records(folder, preset.target)
+    for problem in existing.problems:
+        log(f"warning: {problem}")
+
+    todo = []
+    for task in tasks:
+        result = TaskResult(task.task_name, int(task.weight))
+        if done.get(_task_key(task), 0) >= trials and existing.database is not None \
+                and existing.database.has_workload(task.dispatched[0]):
+            result.note, result.trials = "already tuned (skipped)", done[_task_key(task)]
+        else:
+            todo.append((task, result))
+        report.tasks.append(result)
+    log(f"{len(tasks)} task(s), {len(todo)} to tune with {trials} trials each")
+    if not todo:
+        return report
+
+    started = time.time()
+    for (task, result), ms_time in zip(todo, _measure_default([t for t, _ in todo], preset, builder, runner)):
+        result.untuned_ms = ms_time
+    shutil.rmtree(work / "logs", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([t for t, _ in todo], str(work))
+    _quiet_metaschedule_console()
+    progress = _Progress([r for _, r in todo], trials, log)
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work),
+            max_trials_global=trials * len(todo),
+            max_trials_per_task=trials,
+            num_trials_per_iter=min(trials, 16),
+            builder=builder,
+            runner=runner,
+            database=ms.database.JSONDatabase(work_dir=str(work)),
+            cost_model="xgb",
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _measure_callback(progress)],
+        )
+    finally:
+        # Interrupted or not, every measured record is kept.
+        for task, result in todo:
+            done[_task_key(task)] = max(done.get(_task_key(task), 0), result.trials)
+        written = merge_into_records(folder, work, preset.target, log)
+        progress_path.write_text(json.dumps(done))
+        for name in ("database_tuning_record.json", "database_workload.json"):
+            (work / name).unlink(missing_ok=True)
+        log(f"records: {written} workload(s) in {folder}")
+    report.seconds = time.time() - started
+    return report
+
+
+def prune(folder: Path, target, log) -> None:
+    before = sum((folder / name).stat().st_size for name in ("database_workload.json", "database_tuning_record.json")
+                 if (folder / name).is_file())
+    found = load_records(folder, target)
+    for problem in found.problems:
+        log(f"warning: {problem}")
+    if found.database is None:
+        raise EffconvError(f"{folder} holds no usable records to prune")
+    kept = best_records([found.database])
+    write_records(folder, kept)
+    after = sum((folder / name).stat().st_size for name in ("database_workload.json", "database_tuning_record.json"))
+    log(f"pruned {folder}: {found.records} record(s) -> {len(kept)} (best per workload), {before} -> {after} bytes")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tvm_effconv.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help="model file or package.module:factory (as for compile)")
+    parser.add_argument("--target", help="target preset")
+    parser.add_argument("--trials", type=int, default=64, help="measured candidates per task (default 64)")
+    parser.add_argument("--records", help="records folder (default schedules/<preset>)")
+    parser.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices registered at this tracker")
+    parser.add_argument("--rpc-key", help="device key at the tracker (default: the preset's rpc_key)")
+    parser.add_argument("--only", action="append", default=[], metavar="OPS",
+                        help="tune only tasks whose name contains one of these (comma-separated, repeatable)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]")
+    parser.add_argument("--trust-pickle", action="store_true")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per measurement session")
+    parser.add_argument("--prune", action="store_true", help="keep only the best record per workload and exit")
+    args = parser.parse_args(argv)
+    if not args.target and not args.records:
+        parser.error("--target is required")
+    log = functools.partial(print, flush=True)
+    if args.prune:
+        if not args.target:
+            parser.error("--prune needs --target (records are checked against its target)")
+        preset = get_preset(args.target)
+        prune(records_dir(preset.name, args.records), preset.target, log)
+        return 0
+    if not args.model:
+        parser.error("MODEL is required (or --prune)")
+    only = [op for item in args.only for op in item.split(",") if op]
+    report = tune_model(args.model, args.target, args.trials, args.records, args.rpc_tracker, args.rpc_key, only,
+                        args.input_shape, args.trust_pickle, args.timeout, log)
+    print(report.table())
+    if report.emulated:
+        print("(emulated device: these timings check the plumbing only and mean nothing for real boards)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
