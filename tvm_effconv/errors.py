@@ -36,6 +36,10 @@ class VerificationError(EffconvError):
     pass
 
 
+class ArtifactError(EffconvError):
+    """The artifact folder is missing, incomplete, corrupt or altered."""
+
+
 def run_cli(main, argv=None):
     """Run a command-line ``main(argv) -> int``, turning EffconvError into a one-line message."""
     # torch's export and jit machinery warn about their own internals on every call; users can't act on it.
