@@ -181,11 +181,12 @@ def _measure_default(tasks, preset, builder, runner) -> list[float | None]:
 
     modules = [default_schedule_module(task.dispatched[0], preset)[0] for task in tasks]
     built = builder.build([ms.builder.BuilderInput(mod, preset.target) for mod in modules])
+    device_type = "cuda" if preset.family == "cuda" else "cpu"
     futures = {}
     for index, (mod, result) in enumerate(zip(modules, built)):
         if result.error_msg is None:
             args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-            futures[index] = runner.run([ms.runner.RunnerInput(result.artifact_path, preset.target.kind.name, args)])[0]
+            futures[index] = runner.run([ms.runner.RunnerInput(result.artifact_path, device_type, args)])[0]
     times: list[float | None] = [None] * len(tasks)
     for index, future in futures.items():
         run = future.result()

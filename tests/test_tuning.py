@@ -1,0 +1,187 @@
+"""Tuning records: tune end to end on the host, apply, reuse, and survive bad record folders."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tvm_effconv.compile import compile_model
+from tvm_effconv.errors import EffconvError
+from tvm_effconv.schedule_rules import RULES, apply_default_rules, register_rule
+from tvm_effconv.targets import get_preset
+from tvm_effconv.tune import prune, tune_model
+from tvm_effconv.tuning import RECORD_FILE, WORKLOAD_FILE, load_records
+
+TINY = f"{__name__}:tiny_conv"
+
+
+def tiny_conv():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    return model, (torch.randn(1, 8, 10, 10),)
+
+
+def quiet(_msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A real (short) tuning run of a tiny model on the host; returns (records folder, report, log)."""
+    folder = tmp_path_factory.mktemp("records") / "host"
+    lines = []
+    report = tune_model(TINY, "host", trials=2, records=str(folder), log=lines.append)
+    return folder, report, lines
+
+
+def test_tuning_writes_records_and_reports_progress(tuned):
+    folder, report, lines = tuned
+    assert (folder / WORKLOAD_FILE).is_file() and (folder / RECORD_FILE).is_file()
+    assert report.tasks and all(t.trials >= 2 for t in report.tasks)
+    assert all(t.untuned_ms and t.tuned_ms for t in report.tasks)
+    assert any("trials, best" in line and "remaining" in line for line in lines)
+    table = report.table()
+    assert "untuned ms" in table and "speed-up" in table
+
+
+def test_compile_applies_the_records_without_tuning(tuned, tmp_path):
+    folder, report, _ = tuned
+    out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["records"]["missing"] == [] and manifest["records"]["applied"]
+    assert manifest["verification"]["status"] == "passed"
+
+
+def test_rerun_resumes_and_skips_tuned_tasks(tuned):
+    folder, report, _ = tuned
+    again = tune_model(TINY, "host", trials=2, records=str(folder), log=quiet)
+    assert all("skipped" in t.note for t in again.tasks)
+
+
+def test_require_records_names_missing_workloads_and_the_fix(tuned, tmp_path):
+    folder, _, _ = tuned
+    with pytest.raises(EffconvError, match=r"no applicable record.*re-tune: python -m tvm_effconv.tune"):
+        compile_model("tvm_effconv.models.examples:small_cnn", "host", tmp_path / "x", records=str(folder),
+                      require_records=True, log=quiet)
+    assert not (tmp_path / "x").exists()
+
+
+def _copy(folder, tmp_path):
+    copy = tmp_path / "host"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_corrupt_lines_and_foreign_files_are_reported_and_skipped(tuned, tmp_path):
+    folder = _copy(tuned[0], tmp_path)
+    with open(folder / RECORD_FILE, "a") as f:
+        f.write('{"truncated": \n')
+    (folder / "notes.bin").write_bytes(b"\x00\x01")
+    found = load_records(folder, get_preset("host").target)
+    assert found.database is not None and found.records >= 1
+    text = " ".join(found.problems)
+    assert "corrupt" in text and "notes.bin" in text
+    out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
+    assert json.loads((out / "manifest.json").read_text())["records"]["problems"]
+
+
+def test_records_of_another_target_are_not_applied(tuned, tmp_path):
+    folder = _copy(tuned[0], tmp_path)
+    lines = (folder / RECORD_FILE).read_text().splitlines()
+    # Pretend the records were tuned for a Cortex-A72: same workload, another target.
+    changed = [line.replace('"kind": "llvm"', '"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"', 1)
+               if '"mtriple"' not in line else line for line in lines]
+    (folder / RECORD_FILE).write_text("\n".join(changed) + "\n")
+    found = load_records(folder, get_preset("host").target)
+    assert found.database is None
+    assert any("another target" in p for p in found.problems)
+
+
+def test_a_records_folder_of_garbage_never_crashes_compile(tmp_path):
+    folder = tmp_path / "host"
+    folder.mkdir()
+    (folder / WORKLOAD_FILE).write_text("not json\n[1, 2]\n")
+    (folder / RECORD_FILE).write_text("[0, [1]]\n[7, []]\n")
+    out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["records"]["applied"] == [] and len(manifest["records"]["problems"]) >= 3
+    assert manifest["verification"]["status"] == "passed"
+
+
+def test_prune_keeps_the_best_record_per_workload(tuned, tmp_path):
+    folder = _copy(tuned[0], tmp_path)
+    target = get_preset("host").target
+    lines = (folder / RECORD_FILE).read_text().splitlines()
+    (folder / RECORD_FILE).write_text("\n".join(lines + lines) + "\n")  # duplicates: twice the records
+    before = load_records(folder, target)
+    prune(folder, target, quiet)
+    after = load_records(folder, target)
+    assert after.records == after.workloads <= before.workloads < before.records
+    assert not list(tmp_path.glob(".host.*"))  # no staging folder left
+
+
+def test_tuning_an_arm_preset_needs_a_tracker():
+    with pytest.raises(EffconvError, match="--rpc-tracker"):
+        tune_model(TINY, "arm-a72", trials=1, log=quiet)
+
+
+# --- custom schedule rules: the mechanism the op issues plug into ----------------------------------
+
+
+def _tagged_matmul(n=32):
+    from tvm import te
+
+    a = te.placeholder((n, n), name="A")
+    b = te.placeholder((n, n), name="B")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C",
+                   attrs={"schedule_rule": "effconv_test_matmul"})
+    return te.create_prim_func([a, b, c])
+
+
+@pytest.fixture(scope="module")
+def matmul_rule():
+    if ("effconv_test_matmul", "cpu") not in RULES:
+
+        @register_rule("effconv_test_matmul", ["cpu"], variants=("row_major", "col_split"))
+        def schedule_matmul(sch, block, knobs, variant):
+            i, j, k = sch.get_loops(block)
+            i0, i1 = sch.split(i, knobs.tile(i, 2, default=[4, 8]))
+            j0, j1 = sch.split(j, knobs.tile(j, 2, default=[2, 16]))
+            if variant == "row_major":
+                sch.reorder(i0, j0, k, i1, j1)
+            else:
+                sch.reorder(j0, i0, k, i1, j1)
+            sch.vectorize(j1)
+
+    return RULES[("effconv_test_matmul", "cpu")]
+
+
+def test_default_rule_schedules_and_computes_correctly(matmul_rule):
+    import tvm
+
+    target = get_preset("host").target
+    mod, scheduled = apply_default_rules(tvm.IRModule({"main": _tagged_matmul()}), target)
+    assert scheduled == ["main"] and mod["main"].attrs["tirx.is_scheduled"]
+    assert "T.vectorized(16)" in mod["main"].script()
+    lib = tvm.compile(mod, target=target)
+    a, b = np.random.rand(32, 32).astype("float32"), np.random.rand(32, 32).astype("float32")
+    c = tvm.runtime.tensor(np.zeros((32, 32), "float32"))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), c)
+    np.testing.assert_allclose(c.numpy(), a @ b, rtol=1e-5)
+
+
+def test_rule_knobs_are_sampled_in_the_design_space(matmul_rule):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = tvm.IRModule({"main": _tagged_matmul()})
+    context = ms.TuneContext(mod=mod, target=get_preset("host").target, space_generator="post-order-apply",
+                             task_name="mm")
+    spaces = context.generate_design_space()
+    assert len(spaces) == 2  # one sketch per variant
+    for space in spaces:
+        kinds = [inst.kind.name for inst in space.trace.insts]
+        assert kinds.count("SamplePerfectTile") >= 2
