@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -41,3 +47,32 @@ def emulated_device():
     yield get
     for device in devices.values():
         device.stop()
+
+
+TRACKER_PORT = 9390
+
+
+@pytest.fixture(scope="session")
+def rpc_tracker():
+    """An RPC tracker on 127.0.0.1, in its own process group; yields its HOST:PORT."""
+    from tvm_effconv.device import rpc
+    from tvm_effconv.errors import DeviceError
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(TRACKER_PORT),
+         "--port-end", str(TRACKER_PORT + 1)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{TRACKER_PORT}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                rpc.tracker_summary(address)
+                break
+            except DeviceError:
+                assert process.poll() is None and time.monotonic() < deadline, "the RPC tracker did not start"
+                time.sleep(0.2)
+        yield address
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)

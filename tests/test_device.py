@@ -5,9 +5,7 @@ need neither qemu nor a device. Ports 9300-9399 on 127.0.0.1 only.
 """
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from tvm_effconv.errors import DeviceError, EffconvError, ToolMissingError
 from tvm_effconv.targets import get_preset
 
 A53_PORT, A76_PORT, DYING_PORT, CLI_PORT, TRACKED_PORT, BUSY_PORT = 9301, 9302, 9303, 9304, 9305, 9350
-UNUSED_PORT, TRACKER_PORT = 9399, 9390
+UNUSED_PORT = 9399
 needs_qemu = pytest.mark.skipif(shutil.which(emulator.QEMU) is None, reason="qemu-user-static is not installed")
 
 
@@ -326,31 +324,9 @@ def test_cli_emulate_features_stop(cli_device_port):
     assert emulator.find_device(cli_device_port) is None
 
 
-@pytest.fixture(scope="module")
-def tracker():
-    """An RPC tracker on 127.0.0.1, in its own process group."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(TRACKER_PORT),
-         "--port-end", str(TRACKER_PORT + 1)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{TRACKER_PORT}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                rpc.tracker_summary(address)
-                break
-            except DeviceError:
-                assert process.poll() is None and time.monotonic() < deadline, "the RPC tracker did not start"
-                time.sleep(0.2)
-        yield address
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-
-
 @pytest.mark.emulated
-def test_device_registered_with_a_tracker(tracker):
+def test_device_registered_with_a_tracker(rpc_tracker):
+    tracker = rpc_tracker
     with emulator.start("cortex-a53", port=TRACKED_PORT, tracker=tracker, key="effconv-test") as device:
         assert rpc.tracker_lists(tracker, "effconv-test", TRACKED_PORT)
         session = rpc.request_from_tracker(tracker, "effconv-test", timeout=10)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tvm_effconv.compile import compile_model
+from tvm_effconv.device import emulator
 from tvm_effconv.errors import EffconvError
 from tvm_effconv.schedule_rules import RULES, apply_default_rules, register_rule
 from tvm_effconv.targets import get_preset
@@ -120,6 +121,17 @@ def test_prune_keeps_the_best_record_per_workload(tuned, tmp_path):
     after = load_records(folder, target)
     assert after.records == after.workloads <= before.workloads < before.records
     assert not list(tmp_path.glob(".host.*"))  # no staging folder left
+
+
+@pytest.mark.emulated
+def test_tuning_through_a_tracker_on_the_emulated_device(rpc_tracker, tmp_path):
+    folder, lines = tmp_path / "arm-a72", []
+    with emulator.start("cortex-a72", tracker=rpc_tracker, key="tune-a72"):
+        report = tune_model(TINY, "arm-a72", trials=2, records=str(folder), tracker=rpc_tracker, key="tune-a72",
+                            log=lines.append)
+    assert report.emulated and any("mean nothing" in line for line in lines)
+    assert report.tasks and all(t.trials >= 2 and t.tuned_ms for t in report.tasks)
+    assert load_records(folder, get_preset("arm-a72").target).records >= 1
 
 
 def test_tuning_an_arm_preset_needs_a_tracker():

@@ -164,8 +164,7 @@ def _builder_and_runner(preset, tracker: str | None, key: str | None, timeout: f
     from .device import rpc
 
     host, port = rpc.parse_address(tracker)
-    summary = rpc.tracker_summary(tracker)
-    if not any(str(key) == str(entry.get("key", "")) for entry in summary.get("server_info", [])):
+    if key not in rpc.registered_keys(tracker):
         raise EffconvError(
             f"no device is registered under key {key!r} at the tracker {tracker}; start one with "
             f"`python -m tvm_effconv.device emulate --preset {preset.name} --tracker {tracker} --key {key}` "

@@ -140,13 +140,18 @@ def tracker_lists(tracker_address: str, key: str, port: int) -> bool:
     return registered and summary["queue_info"].get(key, {}).get("free", 0) > 0
 
 
+def registered_keys(tracker_address: str, timeout: float = 10) -> list[str]:
+    """The device keys that have at least one server registered at the tracker."""
+    summary = tracker_summary(tracker_address, timeout)
+    return sorted({info["key"].removeprefix("server:") for info in summary["server_info"]})
+
+
 def request_from_tracker(tracker_address: str, key: str, timeout: float = 60, session_timeout: float = 600):
     """An RPC session with a device registered under ``key``, waiting at most ``timeout`` s for a free one."""
-    summary = tracker_summary(tracker_address, timeout)
+    registered = registered_keys(tracker_address, timeout)
     from tvm import rpc
     from tvm.rpc import base
 
-    registered = sorted({info["key"].removeprefix("server:") for info in summary["server_info"]})
     if key not in registered:
         raise DeviceError(
             f"no device is registered under key {key!r} at the RPC tracker {tracker_address} (registered keys: "
