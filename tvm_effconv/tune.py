@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from . import frontend
 from .build import default_schedule_module, prepare
 from .errors import EffconvError, run_cli
 from .targets import get_preset
-from .tuning import best_records, load_records, records_dir, write_records
+from .tuning import best_records, load_records, mean_seconds, records_dir, write_records
 
 WORK_ROOT_ENV = "TVM_EFFCONV_CACHE"
 PROGRESS_FILE = "progress.json"
@@ -75,10 +76,10 @@ def work_dir(records: Path) -> Path:
     return root / f"{records.name}-{digest}"
 
 
-def _task_key(task) -> str:
+def _workload_key(mod) -> str:
     import tvm_ffi
 
-    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+    return str(tvm_ffi.structural_hash(mod))
 
 
 def build_candidate(mod, target, _params):
@@ -105,31 +106,54 @@ def export_shared_object(module, compiler: str) -> str:
 
 
 class _Progress:
-    """Prints one line per measured batch: task, trials, best time, elapsed and remaining time."""
+    """Prints one line per measured batch (task, trials, best time, elapsed and remaining time) and stops
+    tasks whose search space is exhausted, or every task after Ctrl-C."""
+
+    # MetaSchedule keeps re-picking a task whose search finds no new candidate (an elementwise op has
+    # few schedules); after this many empty batches in a row the task is ended.
+    EMPTY_BATCHES_TO_STOP = 2
 
     def __init__(self, results: list[TaskResult], trials: int, log):
         self.results, self.trials, self.log = results, trials, log
         self.started = time.time()
-        self.done = 0
+        self.empty_batches = [0] * len(results)
+        self.interrupted = False
 
-    def __call__(self, task_id: int, runner_results) -> None:
+    def __call__(self, scheduler, task_id: int, runner_results) -> None:
         result = self.results[task_id]
         for run in runner_results:
             result.trials += 1
-            self.done += 1
             if run.error_msg is None and run.run_secs:
-                ms = 1e3 * sum(float(s) for s in run.run_secs) / len(run.run_secs)
+                ms = 1e3 * mean_seconds(run.run_secs)
                 result.tuned_ms = ms if result.tuned_ms is None else min(result.tuned_ms, ms)
-        total = self.trials * len(self.results)
+        self.empty_batches[task_id] = 0 if runner_results else self.empty_batches[task_id] + 1
+        if self.empty_batches[task_id] >= self.EMPTY_BATCHES_TO_STOP:
+            result.note = "search space exhausted"
+            scheduler.terminate_task(task_id)
+        if self.interrupted:
+            for index, task in enumerate(scheduler.tasks_):
+                if not task.is_terminated:
+                    scheduler.terminate_task(index)
+        if not runner_results:
+            return
+        finished = {i for i, task in enumerate(scheduler.tasks_) if task.is_terminated}
+        finished |= {i for i, r in enumerate(self.results) if r.trials >= self.trials}
+        open_trials = sum(max(self.trials - r.trials, 0) for i, r in enumerate(self.results) if i not in finished)
+        measured = sum(r.trials for r in self.results)
         elapsed = time.time() - self.started
-        remaining = elapsed / self.done * (total - self.done) if self.done else 0.0
         best = f"{result.tuned_ms:.4f} ms" if result.tuned_ms is not None else "no valid candidate yet"
-        finished = sum(r.trials >= self.trials for r in self.results)
         self.log(
             f"[{_clock(elapsed)}] task {task_id + 1}/{len(self.results)} {result.name}: "
-            f"{result.trials}/{self.trials} trials, best {best} | tasks done {finished}/{len(self.results)}, "
-            f"remaining ~{_clock(remaining)}"
+            f"{result.trials}/{self.trials} trials, best {best} | tasks done {len(finished)}/{len(self.results)}, "
+            f"remaining ~{_clock(elapsed / measured * open_trials if measured else 0.0)}"
         )
+
+    def interrupt(self, _signum, _frame) -> None:
+        # A KeyboardInterrupt raised inside MetaSchedule's C++ loop crashes the process; end the tasks
+        # after the batch in flight instead, so the records measured so far are merged.
+        if not self.interrupted:
+            self.log("interrupted: finishing the batch in flight, then saving the records measured so far")
+        self.interrupted = True
 
 
 def _clock(seconds: float) -> str:
@@ -143,7 +167,7 @@ def _measure_callback(progress: _Progress):
     @derived_object
     class ProgressCallback(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            progress(task_id, runner_results)
+            progress(task_scheduler, task_id, runner_results)
 
     return ProgressCallback()
 
@@ -190,7 +214,7 @@ def _measure_default(tasks, preset, builder, runner) -> list[float | None]:
     for index, future in futures.items():
         run = future.result()
         if run.error_msg is None and run.run_secs:
-            times[index] = 1e3 * sum(float(s) for s in run.run_secs) / len(run.run_secs)
+            times[index] = 1e3 * mean_seconds(run.run_secs)
     return times
 
 
@@ -245,10 +269,15 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     report = TuneReport(preset=preset.name, records=folder, emulated=preset.family == "arm")
     if report.emulated:
         log("note: measurements on an emulated device check the plumbing only; their timings mean nothing for real boards")
-    if (work / "database_tuning_record.json").is_file():
-        log(f"resuming: merged {merge_into_records(folder, work, preset.target, log)} workloads of an interrupted run into {folder}")
     progress_path = work / PROGRESS_FILE
     done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if (work / "database_tuning_record.json").is_file():
+        # A run that was killed: count its trials, then merge its records.
+        for record in ms.database.JSONDatabase(work_dir=str(work)).get_all_tuning_records():
+            key = _workload_key(record.workload.mod)
+            done[key] = done.get(key, 0) + 1
+        log(f"resuming: merged {merge_into_records(folder, work, preset.target, log)} workloads of an interrupted run into {folder}")
+        _finish_work(work, progress_path, done)
     existing = load_records(folder, preset.target)
     for problem in existing.problems:
         log(f"warning: {problem}")
@@ -256,9 +285,11 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     todo = []
     for task in tasks:
         result = TaskResult(task.task_name, int(task.weight))
-        if done.get(_task_key(task), 0) >= trials and existing.database is not None \
+        if done.get(_workload_key(task.dispatched[0]), 0) >= trials and existing.database is not None \
                 and existing.database.has_workload(task.dispatched[0]):
-            result.note, result.trials = "already tuned (skipped)", done[_task_key(task)]
+            result.note, result.trials = "already tuned (skipped)", done[_workload_key(task.dispatched[0])]
+            record = existing.database.query_tuning_record(task.dispatched[0], preset.target, task.task_name)
+            result.tuned_ms = 1e3 * mean_seconds(record.run_secs) if record is not None and record.run_secs else None
         else:
             todo.append((task, result))
         report.tasks.append(result)
@@ -274,6 +305,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([t for t, _ in todo], str(work))
     _quiet_metaschedule_console()
     progress = _Progress([r for _, r in todo], trials, log)
+    previous_handler = signal.signal(signal.SIGINT, progress.interrupt)
     try:
         ms.tune.tune_tasks(
             tasks=contexts,
@@ -289,16 +321,26 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _measure_callback(progress)],
         )
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         # Interrupted or not, every measured record is kept.
         for task, result in todo:
-            done[_task_key(task)] = max(done.get(_task_key(task), 0), result.trials)
+            key = _workload_key(task.dispatched[0])
+            # An exhausted search space counts as fully tuned.
+            done[key] = max(done.get(key, 0), trials if result.note else result.trials)
         written = merge_into_records(folder, work, preset.target, log)
-        progress_path.write_text(json.dumps(done))
-        for name in ("database_tuning_record.json", "database_workload.json"):
-            (work / name).unlink(missing_ok=True)
+        _finish_work(work, progress_path, done)
         log(f"records: {written} workload(s) in {folder}")
+    if progress.interrupted:
+        raise KeyboardInterrupt
     report.seconds = time.time() - started
     return report
+
+
+def _finish_work(work: Path, progress_path: Path, done: dict) -> None:
+    """Record the trials per workload and drop the merged work database."""
+    progress_path.write_text(json.dumps(done))
+    for name in ("database_tuning_record.json", "database_workload.json"):
+        (work / name).unlink(missing_ok=True)
 
 
 def prune(folder: Path, target, log) -> None:

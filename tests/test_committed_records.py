@@ -1,0 +1,32 @@
+"""CI compiles the bundled examples from the committed tuning records, with zero tuning."""
+
+import json
+
+import pytest
+from tvm.s_tir import meta_schedule as ms
+
+from tvm_effconv.compile import compile_model
+from tvm_effconv.tuning import SCHEDULES_DIR
+
+# Preset -> the models whose every workload has a committed record in schedules/<preset>/.
+COVERED = {
+    "host": ["tvm_effconv.models.examples:small_cnn"],
+}
+
+
+def test_every_covered_preset_has_a_records_folder():
+    assert {p.name for p in SCHEDULES_DIR.iterdir() if p.is_dir()} >= set(COVERED)
+
+
+@pytest.mark.parametrize("preset, model", [(p, m) for p, models in COVERED.items() for m in models])
+def test_committed_records_cover_and_apply(preset, model, tmp_path, monkeypatch):
+    def no_tuning(*_args, **_kwargs):
+        raise AssertionError("compile must never tune")
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", no_tuning)
+    monkeypatch.setattr(ms.relax_integration, "tune_relax", no_tuning)
+    out = compile_model(model, preset, tmp_path / preset, require_records=True, run_verify=preset == "host",
+                        log=lambda _msg: None)
+    records = json.loads((out / "manifest.json").read_text())["records"]
+    assert records["problems"] == [] and records["missing"] == [] and records["applied"]
+    assert set(records["files"]) == {"database_workload.json", "database_tuning_record.json"}
