@@ -27,7 +27,7 @@ from tvm_effconv.device import emulator, rpc
 from tvm_effconv.errors import ArtifactError, DeviceError, EffconvError, run_cli
 
 EXAMPLE = "tvm_effconv.models.examples:small_cnn"
-TRACKER_PORT, TRACKED_PORTS, DYING_PORT, UNUSED_PORT = 9490, (9492, 9494), 9496, 9499
+TRACKER_PORT, TRACKED_PORTS, DYING_PORT, DIRECT_PORT, UNUSED_PORT = 9490, (9492, 9494), 9496, 9497, 9499
 # The host preset's rpc_key: the tracked servers use it, so the command finds them without --rpc-key.
 HOST_KEY = "host"
 QUICK = ["--warmup", "1", "--number", "2", "--repeat", "2"]
@@ -337,6 +337,16 @@ def test_tracker_without_a_free_device_waits_for_the_timeout(host_artifact, trac
         main([str(host_artifact), "--rpc-tracker", tracker, "--timeout", "2"])
     assert 2 <= time.monotonic() - started < 8
     del held
+
+
+def test_direct_rpc_run_times_the_model_on_the_server(host_artifact, processes, tmp_path):
+    server = start_server(processes, DIRECT_PORT, tmp_path / "server.log")
+    wait_until(lambda: rpc.server_answers("127.0.0.1", DIRECT_PORT, timeout=1), "the RPC server", server)
+    report = tmp_path / "r.json"
+    assert main([str(host_artifact), "--rpc", f"127.0.0.1:{DIRECT_PORT}", *QUICK, "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert f"127.0.0.1:{DIRECT_PORT}" in json.dumps(result)
+    assert "load_module" in (tmp_path / "server.log").read_text()  # it ran there, not here
 
 
 def test_device_dying_mid_run_fails_within_a_bounded_time(host_artifact, processes, tmp_path):

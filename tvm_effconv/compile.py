@@ -132,7 +132,7 @@ def compile_model(
     found = load_records(folder, preset.target)
     for problem in found.problems:
         log(f"warning: {problem}")
-    log(f"compiling for {preset.name}: {preset.target.export()}")
+    log(f"compiling for {preset.name}: {json.dumps(preset.target_dict)}")
     executable, report = build(mod, preset, found.database)
     if report.default_schedule:
         log(

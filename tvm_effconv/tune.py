@@ -218,12 +218,28 @@ def _measure_default(tasks, preset, builder, runner) -> list[float | None]:
     return times
 
 
-def _quiet_metaschedule_console() -> None:
-    """MetaSchedule logs its own tables to the console; its log files keep them, our progress lines suffice."""
-    logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    for handler in logger.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+def _tune_contexts(tasks, work: Path) -> list:
+    """One MetaSchedule TuneContext per task, each logging to its own file under ``work/logs``.
+
+    MetaSchedule's own helper installs its loggers with logging.dictConfig, which fails when another
+    library left unnamed handlers on its logger, and prints its tables to the console; our progress
+    lines replace those."""
+    from tvm.s_tir import meta_schedule as ms
+
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    contexts = []
+    for index, task in enumerate(tasks):
+        logger = logging.getLogger(f"tvm_effconv.tune.task_{index}")
+        logger.handlers.clear()
+        handler = logging.FileHandler(work / "logs" / f"task_{index:02d}_{task.task_name[:80]}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                                       search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+                                       num_threads="physical").clone())
+    return contexts
 
 
 def merge_into_records(folder: Path, work: Path, target, log) -> int:
@@ -302,14 +318,13 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
         result.untuned_ms = ms_time
     shutil.rmtree(work / "logs", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([t for t, _ in todo], str(work))
-    _quiet_metaschedule_console()
+    contexts = _tune_contexts([t for t, _ in todo], work)
     progress = _Progress([r for _, r in todo], trials, log)
     previous_handler = signal.signal(signal.SIGINT, progress.interrupt)
     try:
         ms.tune.tune_tasks(
             tasks=contexts,
-            task_weights=weights,
+            task_weights=[float(t.weight) for t, _ in todo],
             work_dir=str(work),
             max_trials_global=trials * len(todo),
             max_trials_per_task=trials,
