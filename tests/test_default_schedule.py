@@ -14,7 +14,8 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import meta_schedule as ms
 
 from tvm_effconv import default_schedule
-from tvm_effconv.default_schedule import SCHEDULED_ATTRS, SimdProfile, apply_default_schedules
+from tvm_effconv.build import is_scheduled
+from tvm_effconv.default_schedule import SimdProfile, apply_default_schedules
 
 # One thread each (TVM reads its variable when its thread pool starts): the machine's cores are shared.
 os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -26,8 +27,8 @@ AARCH64 = tvm.target.Target(
 )
 
 
-def fused_module(model, x, keep_params_as_input=False):
-    exported = torch.export.export(model.eval(), (x,))
+def fused_module(model, x, keep_params_as_input=False, dynamic_shapes=None):
+    exported = torch.export.export(model.eval(), (x,), dynamic_shapes=dynamic_shapes)
     mod = from_exported_program(exported, keep_params_as_input=keep_params_as_input, unwrap_unit_return_tuple=True)
     passes = [
         relax.transform.LegalizeOps(),
@@ -41,10 +42,6 @@ def fused_module(model, x, keep_params_as_input=False):
 
 def prim_funcs(mod):
     return {gvar.name_hint: func for gvar, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)}
-
-
-def is_scheduled(func):
-    return all(bool(func.attrs.get(key, False)) for key in SCHEDULED_ATTRS)
 
 
 def run(mod, target, *inputs):
@@ -141,6 +138,19 @@ def test_matches_pytorch_and_schedules_everything(name):
     np.testing.assert_allclose(run(scheduled, HOST, x.numpy()), reference(model, x), rtol=1e-4, atol=1e-4)
 
 
+def test_dynamic_shapes():
+    """Symbolic batch and image sizes: loops with static extents are still tiled and vectorized."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(ConvBnRelu(3, 16, 3), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, 1, 1)))
+    dims = {0: torch.export.Dim("batch", max=8), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    scheduled, failed = apply_default_schedules(
+        fused_module(model, torch.randn(2, 3, 16, 16), dynamic_shapes=[dims]), HOST
+    )
+    assert failed == [] and all(is_scheduled(f) for f in prim_funcs(scheduled).values())
+    x = torch.randn(3, 3, 12, 20)
+    np.testing.assert_allclose(run(scheduled, HOST, x.numpy()), reference(model, x), rtol=1e-4, atol=1e-4)
+
+
 def test_weights_as_inputs_are_not_repacked():
     """Without constant weights nothing can be packed: the conv vectorizes along the image width."""
     torch.manual_seed(0)
@@ -185,7 +195,7 @@ def test_build_pipeline_keeps_the_schedules():
 def test_already_scheduled_functions_are_left_alone():
     model, x = nn.Sequential(nn.Conv2d(4, 8, 3, 1, 1), nn.MaxPool2d(2)), torch.randn(1, 4, 8, 8)
     mod = fused_module(model, x)
-    marked = prim_funcs(mod)["max_pool2d"].with_attr("tir.is_scheduled", True)
+    marked = prim_funcs(mod)["max_pool2d"].with_attr("tirx.is_scheduled", True)
     mod["max_pool2d"] = marked
     scheduled, failed = apply_default_schedules(mod, HOST)
     assert failed == [] and scheduled["max_pool2d"].same_as(marked)
@@ -226,6 +236,13 @@ def test_a_failing_function_is_reported_and_left_unscheduled(monkeypatch):
     assert failed == ["max_pool2d"]
     assert scheduled["max_pool2d"].same_as(mod["max_pool2d"])
     np.testing.assert_allclose(run(scheduled, HOST, x.numpy()), reference(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_module_of_one_prim_func():
+    """MetaSchedule tasks are modules holding one private PrimFunc "main" and no Relax function."""
+    (conv,) = prim_funcs(fused_module(nn.Conv2d(8, 16, 3, 1, 1), torch.randn(1, 8, 10, 10))).values()
+    scheduled, failed = apply_default_schedules(tvm.IRModule({"main": conv}), HOST)
+    assert failed == [] and is_scheduled(scheduled["main"])
 
 
 def test_rejects_non_cpu_targets():

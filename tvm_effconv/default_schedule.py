@@ -1,7 +1,7 @@
 """Default CPU schedules for legalized, fused Relax modules, applied when there are no tuning records.
 
 TVM's default Relax pipeline for ``llvm`` targets schedules nothing: every PrimFunc runs as the loop
-nest LegalizeOps wrote, and a 3x3 conv of 1x64x56x56 takes ~100 ms instead of ~3 ms. This module gives
+nest LegalizeOps wrote, and a 3x3 conv of 1x64x56x56 takes ~150 ms instead of ~3 ms. This module gives
 every PrimFunc a deterministic schedule derived from its loop nest in milliseconds: no tuning, no
 measurement, no dependence on function names.
 
@@ -33,9 +33,9 @@ minute per process. ``bench/default_schedule.py`` measures the result against th
 and PyTorch.
 
 Tuning records take precedence: given a MetaSchedule ``database``, every PrimFunc with a record gets
-it and the rest get the default; functions already marked ``tirx.is_scheduled`` (or
-``tir.is_scheduled``) are left alone. A PrimFunc whose default schedule fails keeps its unscheduled
-body, which still builds, and its name is returned.
+it and the rest get the default; functions already marked ``tirx.is_scheduled`` are left alone.
+A PrimFunc whose default schedule fails keeps its unscheduled body, which still builds, and its name
+is returned.
 """
 
 import logging
@@ -51,12 +51,12 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.sym.pattern import detect_linear_equation
 from tvm.target import codegen
 
+from .build import SCHEDULED_ATTR, is_scheduled
+
 __all__ = ["SimdProfile", "apply_default_schedules", "default_schedule"]
 
 logger = logging.getLogger(__name__)
 
-# TVM 0.27 reads "tirx.is_scheduled"; our own contract (and older TVM) says "tir.is_scheduled".
-SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
 OPAQUE_OP_PATTERN = 8  # relax OpPatternKind kOpaque
 
 # MetaSchedule's CPU defaults for RewriteParallelVectorizeUnroll: parallel loops fused up to this many
@@ -100,17 +100,10 @@ class SimdProfile:
         return max(1, self.vector_bits // tvm.runtime.DataType(dtype).bits)
 
 
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return bool(func.attrs) and any(bool(func.attrs.get(key, False)) for key in SCHEDULED_ATTRS)
-
-
 def _mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
     # Opaque to FuseOps: tvm.compile reruns it, and a fusion would replace the function by an
     # unscheduled merge.
-    func = func.with_attr("op_pattern", OPAQUE_OP_PATTERN)
-    for key in SCHEDULED_ATTRS:
-        func = func.with_attr(key, True)
-    return func
+    return func.with_attr("op_pattern", OPAQUE_OP_PATTERN).with_attr(SCHEDULED_ATTR, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,27 +114,33 @@ def _mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
 class _Iter:
     loop: LoopRV
     var: tirx.Var
-    extent: int
+    extent: int | None  # None: a symbolic (dynamic) extent
     spatial: bool
 
 
-def _access_stride(indices, shape, var) -> int | None:
-    """Element stride of ``var`` in a row-major buffer access; None if the access is not linear in it."""
+def _static(expr) -> int | None:
+    return int(expr) if isinstance(expr, tirx.IntImm) else None
+
+
+def _access_stride(indices, shape, var) -> float | None:
+    """Element stride of ``var`` in a row-major buffer access; None if the access is not linear in it,
+    infinity if it is linear but strided by a symbolic (dynamic) dimension."""
     stride, inner = 0, 1
     for index, dim in zip(reversed(list(indices)), reversed(list(shape))):
         coeffs = detect_linear_equation(index, [var])
         if len(coeffs) == 0 or not isinstance(coeffs[0], tirx.IntImm):
             return None
-        stride += int(coeffs[0]) * inner
-        inner *= int(dim)
-    return abs(stride)
+        if int(coeffs[0]) != 0:
+            stride += abs(int(coeffs[0])) * inner
+        inner *= _static(dim) or math.inf
+    return stride
 
 
 @dataclass(eq=False)  # identity: buffers are TVM expressions, == would build one
 class _Operand:
     buffer: tirx.Var
     constant: bool  # a compile-time constant whose layout the schedule may choose
-    strides: list[int | None]  # per iterator of the nest
+    strides: list[float | None]  # per iterator of the nest, see _access_stride
 
 
 class _LoopNest:
@@ -159,9 +158,9 @@ class _LoopNest:
         self.iters = []
         for loop, iter_var, value in zip(loops, block.iter_vars, realize.iter_values):
             loop_stmt = sch.get(loop)
-            if not value.same_as(loop_stmt.loop_var) or not isinstance(loop_stmt.extent, tirx.IntImm):
-                raise ValueError("non-trivial binding or dynamic extent")
-            self.iters.append(_Iter(loop, iter_var.var, int(loop_stmt.extent), iter_var.iter_type == 0))
+            if not value.same_as(loop_stmt.loop_var):
+                raise ValueError("non-trivial binding")
+            self.iters.append(_Iter(loop, iter_var.var, _static(loop_stmt.extent), iter_var.iter_type == 0))
         write = block.writes[0]
         self.output = write.source
         self.output_indices = [r.min for r in write.region]
@@ -184,11 +183,11 @@ class _LoopNest:
     def reduction(self) -> list[_Iter]:
         return [it for it in self.iters if not it.spatial]
 
-    def strides(self, it: _Iter) -> list[tuple[_Operand, int | None]]:
+    def strides(self, it: _Iter) -> list[tuple[_Operand, float | None]]:
         i = self.iters.index(it)
         return [(op, op.strides[i]) for op in self.operands]
 
-    def output_stride(self, it: _Iter) -> int | None:
+    def output_stride(self, it: _Iter) -> float | None:
         return _access_stride(self.output_indices, self.output.shape, it.var)
 
     def vectorizes(self, it: _Iter) -> bool:
@@ -272,7 +271,7 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
             any(iv.iter_type != 0 for iv in block.iter_vars)
             or _has_if_then_else(block)
             or len(consumers) != 1
-            or _domain_size(block) * BROADCAST_RATIO <= _domain_size(consumers[0])
+            or _much_smaller(_domain_size(block), _domain_size(consumers[0]))
         ):
             continue
         try:
@@ -281,14 +280,18 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
             pass  # a producer that cannot be substituted into its consumer: keep it
 
 
-def _domain_size(block: s_tir.SBlock) -> int:
-    return math.prod(int(iv.dom.extent) for iv in block.iter_vars)
+def _domain_size(block: s_tir.SBlock) -> float:
+    return math.prod(_static(iv.dom.extent) or math.inf for iv in block.iter_vars)
+
+
+def _much_smaller(size: float, other: float) -> bool:
+    return math.isfinite(size) and size * BROADCAST_RATIO <= other
 
 
 def _schedule_reduction(sch: s_tir.Schedule, nest: _LoopNest, simd: SimdProfile) -> list[tirx.Var]:
     """Register-tile a reduction; returns the constants to pack for its vector loads."""
     lanes = simd.lanes(nest.dtype)
-    candidates = [it for it in nest.spatial if it.extent > 1 and nest.vectorizes(it)]
+    candidates = [it for it in nest.spatial if (it.extent or 0) > 1 and nest.vectorizes(it)]
     if not candidates:
         return []  # e.g. global pooling over the contiguous axis: left to LLVM
 
@@ -302,9 +305,9 @@ def _schedule_reduction(sch: s_tir.Schedule, nest: _LoopNest, simd: SimdProfile)
     def feeds_vector_operands(it):
         return any(s != 0 for op, s in nest.strides(it) if op in vector_operands)
 
-    reuse = [it for it in nest.spatial if it is not vec and it.extent > 1 and not feeds_vector_operands(it)]
+    reuse = [it for it in nest.spatial if it is not vec and (it.extent or 0) > 1 and not feeds_vector_operands(it)]
     reg = reuse[-1] if reuse else None
-    if reg is None and math.prod(it.extent for it in nest.reduction) <= LLVM_UNROLLED_REDUCTION:
+    if reg is None and math.prod(it.extent or math.inf for it in nest.reduction) <= LLVM_UNROLLED_REDUCTION:
         return []  # depthwise conv, pooling: LLVM unrolls the window and vectorizes the plain nest well
     vt, rt, unit = _register_tile(vec.extent, reg.extent if reg else 1, lanes, simd.registers)
 
@@ -353,8 +356,8 @@ def _store_tile(sch: s_tir.Schedule, writeback: SBlockRV, tile_loop: LoopRV) -> 
 
 def _vectorize_elementwise(sch: s_tir.Schedule, nest: _LoopNest, simd: SimdProfile) -> None:
     """Vectorize the innermost non-unit loop of an elementwise nest if the output is contiguous along it."""
-    non_unit = [it for it in nest.iters if it.extent > 1]
-    if not non_unit or nest.output_stride(non_unit[-1]) != 1:
+    non_unit = [it for it in nest.iters if it.extent != 1]
+    if not non_unit or non_unit[-1].extent is None or nest.output_stride(non_unit[-1]) != 1:
         return
     vec = non_unit[-1]
     _, vector_loop = sch.split(vec.loop, [None, _elementwise_vector(vec.extent, simd.lanes(nest.dtype))])
@@ -397,14 +400,7 @@ def default_schedule(
     root = sch.get_sblock("root")
     sch.annotate(root, "meta_schedule.parallel", PARALLEL_JOBS_PER_CORE * cores)
     sch.annotate(root, "meta_schedule.unroll_explicit", UNROLL_MAX_STEP)
-    func = _postprocess(
-        sch,
-        [
-            ms.postproc.DisallowDynamicLoop(),
-            ms.postproc.RewriteParallelVectorizeUnroll(),
-            ms.postproc.RewriteReductionBlock(),
-        ],
-    )
+    func = _postprocess(sch, [ms.postproc.RewriteParallelVectorizeUnroll(), ms.postproc.RewriteReductionBlock()])
     if not packed:
         return func
     # RewriteLayout packs the buffers named in "layout_free_buffers" in the order the loops read them.
@@ -460,7 +456,7 @@ def apply_default_schedules(
     constant_params = _constant_params(mod)
     for gvar, func in mod.functions.items():
         name = gvar.name_hint
-        if name in scheduled or not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+        if name in scheduled or not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
         try:
             scheduled[name] = _mark_scheduled(default_schedule(func, target, constant_params.get(name, ())))
@@ -470,7 +466,10 @@ def apply_default_schedules(
     mod = mod.clone()  # IRModule updates are in place; leave the caller's module as it was
     for name, func in scheduled.items():
         mod[name] = func
-    # Constant weights the schedules packed: transform them once, at compile time.
+    if not any(constant_params.values()):
+        return mod, failed
+    # Constant weights the schedules packed: transform them once, at compile time, and drop the
+    # then unused transform functions.
     mod = relax.transform.SplitLayoutRewritePreproc()(mod)
     mod = relax.transform.FoldConstant()(mod)
     return relax.transform.DeadCodeElimination()(mod), failed
