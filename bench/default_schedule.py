@@ -21,6 +21,7 @@ from torch import nn
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
+from tvm_effconv.build import prepare
 from tvm_effconv.default_schedule import apply_default_schedules
 
 
@@ -75,18 +76,10 @@ CASES = [
 ]
 
 
-def fused_module(model, x):
+def fused_module(model, x, target):
     """The Relax module up to FuseTIR, as the compile flow hands it to apply_default_schedules."""
     exported = torch.export.export(model, (x,))
-    mod = from_exported_program(exported, keep_params_as_input=False, unwrap_unit_return_tuple=True)
-    passes = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    return tvm.transform.Sequential(passes)(mod)
+    return prepare(from_exported_program(exported, keep_params_as_input=False, unwrap_unit_return_tuple=True), target)
 
 
 def time_tvm(mod, target, x, repeat, number):
@@ -139,7 +132,7 @@ def main():
         torch.manual_seed(0)
         model = model.eval()
         x = torch.randn(*shape)
-        mod = fused_module(model, x)
+        mod = fused_module(model, x, target)
         start = time.perf_counter()
         scheduled, failed = apply_default_schedules(mod, target)
         schedule_s = time.perf_counter() - start

@@ -14,7 +14,7 @@ from tvm.relax.frontend.torch import from_exported_program
 from tvm.s_tir import meta_schedule as ms
 
 from tvm_effconv import default_schedule
-from tvm_effconv.build import is_scheduled
+from tvm_effconv.build import is_scheduled, prepare
 from tvm_effconv.default_schedule import SimdProfile, apply_default_schedules
 
 # One thread each (TVM reads its variable when its thread pool starts): the machine's cores are shared.
@@ -30,14 +30,7 @@ AARCH64 = tvm.target.Target(
 def fused_module(model, x, keep_params_as_input=False, dynamic_shapes=None):
     exported = torch.export.export(model.eval(), (x,), dynamic_shapes=dynamic_shapes)
     mod = from_exported_program(exported, keep_params_as_input=keep_params_as_input, unwrap_unit_return_tuple=True)
-    passes = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    return tvm.transform.Sequential(passes)(mod)
+    return prepare(mod, HOST)
 
 
 def prim_funcs(mod):
