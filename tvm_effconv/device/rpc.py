@@ -19,8 +19,9 @@ from . import emulator
 RPC_MAGIC = 0xFF271  # the first word of TVM's RPC handshake (tvm.rpc.base.RPC_MAGIC)
 AT_HWCAP, AT_HWCAP2 = 16, 26  # getauxval() keys on Linux
 SERVER_HINT = ("start one with `python -m tvm_effconv.device emulate --cpu cortex-a53`, or on a board "
-               "`python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090`")
-TRACKER_HINT = "start one with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190`"
+               "`python -m tvm.exec.rpc_server --host BOARD_ADDRESS --port 9090 --port-end 9091`")
+TRACKER_HINT = ("start one with `python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190 --port-end 9191` "
+                "(with the host's network address instead of 127.0.0.1 when real boards register)")
 # Text of TVM errors that mean the connection to the device is gone (TVM raises them as InternalError).
 CONNECTION_LOST = ("kshutdown", "connection", "channel closes", "sockchannel", "broken pipe")
 
