@@ -29,7 +29,6 @@ from .errors import EffconvError, run_cli
 from .targets import get_preset
 from .tuning import best_records, load_records, mean_seconds, records_dir, write_records
 
-WORK_ROOT_ENV = "TVM_EFFCONV_CACHE"
 PROGRESS_FILE = "progress.json"
 
 
@@ -69,9 +68,9 @@ class TuneReport:
 
 def work_dir(records: Path) -> Path:
     """Where a tuning run for ``records`` keeps its MetaSchedule database and logs (for resuming)."""
-    import os
+    from .device.emulator import cache_dir
 
-    root = Path(os.environ.get(WORK_ROOT_ENV, Path.home() / ".cache" / "tvm-effconv")) / "tuning"
+    root = cache_dir() / "tuning"
     digest = hashlib.sha256(str(records.resolve()).encode()).hexdigest()[:12]
     return root / f"{records.name}-{digest}"
 
