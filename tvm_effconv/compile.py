@@ -181,7 +181,7 @@ def compile_model(
         manifest = {
             "model": {"source": model, "kind": loaded.kind, "name": loaded.name},
             "preset": preset.name,
-            "target": json.loads(json.dumps(preset.target_dict)),
+            "target": preset.target_dict,
             "target_host": preset.host_config,
             "required_cpu_features": preset.required_cpu_features(),
             "library": {"file": LIBRARY_FILE, "sha256": _sha256(library), "bytes": library.stat().st_size},

@@ -16,10 +16,6 @@ class Comparison:
     tolerance: float
     passed: bool
 
-    def line(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        return f"max abs error {self.max_abs_error:.3g} (tolerance {self.tolerance:.3g}): {verdict}"
-
 
 def flatten_outputs(value) -> list:
     """Tensors of a (possibly nested) tuple/list output, in order."""
