@@ -27,7 +27,7 @@ from . import frontend
 from .build import default_schedule_module, prepare
 from .errors import EffconvError, run_cli
 from .targets import get_preset
-from .tuning import best_records, load_records, mean_seconds, records_dir, write_records
+from .tuning import DATABASE_FILES, RECORD_FILE, best_records, load_records, mean_seconds, records_dir, write_records
 
 PROGRESS_FILE = "progress.json"
 
@@ -249,7 +249,7 @@ def merge_into_records(folder: Path, work: Path, target, log) -> int:
     current = load_records(folder, target)
     if current.database is not None:
         sources.append(current.database)
-    if (work / "database_tuning_record.json").is_file():
+    if (work / RECORD_FILE).is_file():
         sources.append(ms.database.JSONDatabase(work_dir=str(work)))
     records = best_records(sources)
     if records:
@@ -286,7 +286,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
         log("note: measurements on an emulated device check the plumbing only; their timings mean nothing for real boards")
     progress_path = work / PROGRESS_FILE
     done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    if (work / "database_tuning_record.json").is_file():
+    if (work / RECORD_FILE).is_file():
         # A run that was killed: count its trials, then merge its records.
         for record in ms.database.JSONDatabase(work_dir=str(work)).get_all_tuning_records():
             key = _workload_key(record.workload.mod)
@@ -353,13 +353,16 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
 def _finish_work(work: Path, progress_path: Path, done: dict) -> None:
     """Record the trials per workload and drop the merged work database."""
     progress_path.write_text(json.dumps(done))
-    for name in ("database_tuning_record.json", "database_workload.json"):
+    for name in DATABASE_FILES:
         (work / name).unlink(missing_ok=True)
 
 
+def _database_bytes(folder: Path) -> int:
+    return sum((folder / name).stat().st_size for name in DATABASE_FILES if (folder / name).is_file())
+
+
 def prune(folder: Path, target, log) -> None:
-    before = sum((folder / name).stat().st_size for name in ("database_workload.json", "database_tuning_record.json")
-                 if (folder / name).is_file())
+    before = _database_bytes(folder)
     found = load_records(folder, target)
     for problem in found.problems:
         log(f"warning: {problem}")
@@ -367,7 +370,7 @@ def prune(folder: Path, target, log) -> None:
         raise EffconvError(f"{folder} holds no usable records to prune")
     kept = best_records([found.database])
     write_records(folder, kept)
-    after = sum((folder / name).stat().st_size for name in ("database_workload.json", "database_tuning_record.json"))
+    after = _database_bytes(folder)
     log(f"pruned {folder}: {found.records} record(s) -> {len(kept)} (best per workload), {before} -> {after} bytes")
 
 
