@@ -1,6 +1,6 @@
 """Benchmark the default CPU schedules against the unscheduled TVM build and PyTorch fp32 eager.
 
-Runs on the host: ResNet-18 layers and a whole ResNet-18 (written here; torchvision is not needed).
+Runs on the host: ResNet-18 layers and a whole ResNet-18 (tvm_effconv.models.resnet; no torchvision).
 Single-threaded by default so that the figures are comparable on a shared machine; ``--threads N``
 uses N threads for TVM (TVM_NUM_THREADS, set before TVM starts its pool) and PyTorch alike.
 
@@ -23,43 +23,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 from tvm_effconv.build import prepare
 from tvm_effconv.default_schedule import apply_default_schedules
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
-        )
-        widths = [64, 128, 256, 512]
-        layers, cin = [], 64
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            layers += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
-            cin = width
-        self.layers = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+from tvm_effconv.models.resnet import ResNet18
 
 
 def conv(cin, cout, k, stride=1):

@@ -137,12 +137,13 @@ def export_library(executable, preset: Preset, path: Path) -> None:
         executable.export_library(str(path))
 
 
-def cuda_source(executable) -> str:
-    """The generated CUDA C source of an executable built for a CUDA preset."""
+def generated_source(executable, kind: str = "cuda", form: str = "cuda") -> str:
+    """Generated code of an executable's ``kind`` module: CUDA C (``"cuda"``, ``"cuda"``) or the
+    assembly of its CPU kernels (``"llvm"``, ``"asm"``); empty if it has none."""
 
     def find(module):
-        if module.kind == "cuda":
-            return module.inspect_source("cuda")
+        if module.kind == kind:
+            return module.inspect_source(form)
         for imported in module.imports:
             found = find(imported)
             if found is not None:

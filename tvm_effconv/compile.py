@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from . import __version__, frontend, verify
-from .build import build, check_cross_compiler, cuda_source, export_library
+from .build import build, check_cross_compiler, export_library, generated_source
 from .errors import EffconvError, ToolMissingError, VerificationError, run_cli
 from .targets import get_preset
 from .tuning import load_records, records_dir
@@ -71,7 +71,7 @@ def _verify_cuda(executable, preset, library: Path, inputs, expected, log) -> di
 
     result = {}
     if shutil.which("nvcc"):
-        source = cuda_source(executable)
+        source = generated_source(executable)
         with preset.target:
             fatbin = nvcc.compile_cuda(source, target_format="fatbin", compiler="nvcc")
         result["nvcc"] = f"CUDA source ({len(source)} chars) compiled to a {len(fatbin)}-byte fatbin for {preset.target.attrs['arch']}"
@@ -126,7 +126,7 @@ def compile_model(
     inputs = [t.detach().numpy() for t in loaded.example_inputs]
     expected = verify.reference_outputs(loaded.reference, loaded.example_inputs)
     log(f"importing {loaded.kind} model {loaded.name!r} into Relax")
-    mod = frontend.to_relax(loaded.exported)
+    mod = frontend.to_relax(loaded.exported, preset.target)
 
     folder = records_dir(preset.name, records)
     found = load_records(folder, preset.target)

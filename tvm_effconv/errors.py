@@ -32,6 +32,10 @@ class DeviceError(EffconvError):
     """The device (RPC server, emulated or real) is unreachable, died, or cannot run the artifact."""
 
 
+class LayerParameterError(EffconvError, ValueError):
+    """A layer was constructed with a parameter outside what it supports."""
+
+
 class VerificationError(EffconvError):
     pass
 

@@ -19,12 +19,61 @@ from .errors import ModelLoadError, UnsupportedOpsError
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def effconv_convert_map() -> dict:
-    """Custom op name (``<op>.default``, as the importer keys it) -> converter ``fn(node, importer)``.
+BATCH_NORM_OP = "_native_batch_norm_legit_no_training.default"
 
-    The effconv op modules (tvm_effconv.ops.*) add their entries here, one line per op.
-    """
-    return {}
+
+def effconv_convert_map(target, constants: dict) -> dict:
+    """Custom op name (``<op>.default``, as the importer keys it) -> converter ``fn(node, importer)``
+    emitting the op's kernel for ``target`` (the kernels' data layouts depend on it). ``constants``
+    maps graph input names to the model's weights: converters pack them at compile time (the
+    importer binds them only after the whole graph is translated).
+
+    An eval-mode batch norm that directly follows an effconv op is folded into the op's per-channel
+    output scale and bias by the op's converter, which adds it to ``folded``; the batch norm then
+    converts to its input."""
+    from .ops import dsconv
+
+    folded: set = set()
+
+    def batch_norm(node, importer):
+        if node in folded:
+            return importer.env[node.args[0]]
+        return type(importer)._batch_norm_legit_no_training(importer, node)
+
+    return {
+        dsconv.OP_NAME: dsconv.converter(target, constants, folded),
+        BATCH_NORM_OP: batch_norm,
+    }
+
+
+def foldable_batch_norm(node, constants: dict):
+    """The eval-mode batch norm that is ``node``'s only user, as (node, scale, shift) with
+    y = scale * x + shift per channel, or None when there is none or its statistics are not constants."""
+    import numpy as np
+
+    users = list(node.users)
+    if len(users) != 1 or getattr(users[0].target, "__name__", "") != BATCH_NORM_OP:
+        return None
+    norm = users[0]
+    weight, bias, mean, var = norm.args[1:5]
+    eps = norm.args[6] if len(norm.args) > 6 else norm.kwargs.get("eps", 1e-5)
+    if any(arg is not None and getattr(arg, "name", None) not in constants for arg in (weight, bias, mean, var)):
+        return None
+    mean, var = constants[mean.name].astype(np.float64), constants[var.name].astype(np.float64)
+    gamma = constants[weight.name].astype(np.float64) if weight is not None else np.ones_like(mean)
+    beta = constants[bias.name].astype(np.float64) if bias is not None else np.zeros_like(mean)
+    scale = gamma / np.sqrt(var + eps)
+    return norm, scale, beta - mean * scale
+
+
+def graph_constants(exported) -> dict:
+    """Graph input name -> numpy value, for every parameter, buffer and lifted constant."""
+    values = {**dict(exported.named_parameters()), **dict(exported.named_buffers()), **exported.constants}
+    return {
+        spec.arg.name: values[spec.target].detach().numpy()
+        for spec in exported.graph_signature.input_specs
+        if spec.target in values
+    }
 
 
 @dataclass
@@ -123,6 +172,8 @@ def _export(module, inputs: tuple, name: str):
 
 def _load_export_archive(path: Path, input_specs):
     import torch
+
+    from . import nn  # noqa: F401 - registers torch.ops.effconv.*, which saved programs may call
 
     # torch warns about any extension other than .pt2; the brief allows any file name.
     logging.getLogger("torch.export.pt2_archive._package").setLevel(logging.ERROR)
@@ -233,13 +284,13 @@ def load_model(spec: str, input_specs: list[InputSpec] = (), trust_pickle: bool 
     return LoadedModel(name=name, kind=kind, exported=exported, example_inputs=inputs, reference=reference)
 
 
-def to_relax(exported):
-    """Import an ExportedProgram into a Relax IRModule (parameters bound as constants)."""
+def to_relax(exported, target):
+    """Import an ExportedProgram into a Relax IRModule for ``target`` (parameters bound as constants)."""
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     exported = exported.run_decompositions()
-    custom = effconv_convert_map()
+    custom = effconv_convert_map(target, graph_constants(exported))
     known = set(ExportedProgramImporter().create_convert_map()) | set(custom)
     missing: dict[str, int] = {}
     for node in exported.graph.nodes:

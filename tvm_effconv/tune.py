@@ -269,7 +269,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     builder, runner = _builder_and_runner(preset, tracker, key, timeout)
     specs = [frontend.InputSpec.parse(s) for s in input_shapes]
     loaded = frontend.load_model(model, specs, trust_pickle)
-    prepared = prepare(frontend.to_relax(loaded.exported), preset.target)
+    prepared = prepare(frontend.to_relax(loaded.exported, preset.target), preset.target)
     tasks = list(ms.relax_integration.extract_tasks(prepared, preset.target))
     if only:
         chosen = [t for t in tasks if any(op in t.task_name for op in only)]

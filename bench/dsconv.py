@@ -1,0 +1,395 @@
+"""Benchmark the DSConv layer kernel on the host against PyTorch fp32 and PyTorch int8 (x86 engine).
+
+For each ResNet-18 3x3 conv shape (and the 1x1 stride-2 downsamples), batch 1: a float nn.Conv2d with
+random weights is converted by ``DSConv2d.from_conv(conv, bits, block)``, its activation scale
+calibrated on the input, and the layer plus a ReLU (the fused epilogue) compiled for the ``host``
+preset with the default schedule (no tuning records). Timed, float in and float out:
+
+- ours: the compiled layer through the Relax VM (``time_evaluator``; includes the activation
+  quantization), checked against the layer's eager output (the reference op) every time;
+- torch fp32: ``F.conv2d`` + ReLU with the float conv's weights;
+- torch int8: ``torch.ao.nn.intrinsic.quantized.ConvReLU2d`` with per-channel symmetric int8 weights from
+  the same float conv and quint8 activations (reduce_range, as PyTorch's x86 qconfig: 8-bit
+  activations saturate vpmaddubsw on CPUs without VNNI), timed float in/float out (quantize_per_tensor
+  + qconv + dequantize: the like-for-like figure) and as the qconv alone on a pre-quantized input.
+
+The measurements of one layer are interleaved (one repeat of each in turn) so that the noise of a shared
+machine falls on all of them alike; each repeat averages enough calls to last ``--repeat-ms``, and the
+median over repeats is reported. Single-threaded by default; ``--threads N`` sets TVM_NUM_THREADS
+(before TVM is imported) and torch.set_num_threads alike.
+
+    python bench/dsconv.py [--bits 4] [--block 64] [--threads 1] [--repeat 20] [--json OUT] [--quick]
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+# (name, in channels, out channels, kernel, stride, input size): ResNet-18's conv shapes, batch 1.
+SHAPES = [
+    ("3x3 64->64 56 s1", 64, 64, 3, 1, 56),
+    ("3x3 64->128 56 s2", 64, 128, 3, 2, 56),
+    ("3x3 128->128 28 s1", 128, 128, 3, 1, 28),
+    ("3x3 128->256 28 s2", 128, 256, 3, 2, 28),
+    ("3x3 256->256 14 s1", 256, 256, 3, 1, 14),
+    ("3x3 256->512 14 s2", 256, 512, 3, 2, 14),
+    ("3x3 512->512 7 s1", 512, 512, 3, 1, 7),
+    ("1x1 64->128 56 s2", 64, 128, 1, 2, 56),
+    ("1x1 128->256 28 s2", 128, 256, 1, 2, 28),
+    ("1x1 256->512 14 s2", 256, 512, 1, 2, 14),
+]
+QUICK_SHAPES = 3
+TOLERANCE = 1e-5  # max |ours - reference| / max |reference|
+PEERS = [  # (key, column heading, description)
+    ("torch_fp32", "fp32", "torch fp32"),
+    ("torch_int8", "int8", "torch int8 (float in/out)"),
+    ("torch_qconv", "qconv", "torch int8 (qconv only)"),
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, default=4, help="DSConv weight bits (default 4)")
+    parser.add_argument("--block", type=int, default=64, help="DSConv channel block (default 64)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for TVM and PyTorch alike (default 1)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repeats per measurement, median taken "
+                        "(default 20, 5 with --quick)")
+    parser.add_argument("--repeat-ms", type=float, default=None, help="length of one repeat in ms: calls are "
+                        "averaged until it is reached (default 25, 5 with --quick)")
+    parser.add_argument("--engine", default="x86", help="torch quantized engine (default x86)")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: the first {QUICK_SHAPES} shapes, "
+                        "fewer and shorter repeats")
+    parser.add_argument("--shapes", help=argparse.SUPPRESS)  # test-only: comma-separated indices into SHAPES
+    args = parser.parse_args(argv)
+    if args.shapes is not None:
+        args.indices = [int(i) for i in args.shapes.split(",")]
+        if not all(0 <= i < len(SHAPES) for i in args.indices):
+            parser.error(f"--shapes: indices must be in 0..{len(SHAPES) - 1}")
+    else:
+        args.indices = list(range(QUICK_SHAPES if args.quick else len(SHAPES)))
+    if args.repeat is None:
+        args.repeat = 5 if args.quick else 20
+    if args.repeat_ms is None:
+        args.repeat_ms = 5.0 if args.quick else 25.0
+    if args.repeat < 1 or args.threads < 1:
+        parser.error("--repeat and --threads must be >= 1")
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    # Read when TVM starts its thread pool; set before anything imports tvm.
+    os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.ao.nn.intrinsic.quantized as nniq  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import tvm  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from tvm_effconv import build as builder  # noqa: E402
+from tvm_effconv import frontend  # noqa: E402
+from tvm_effconv.nn import DSConv2d, calibrate_activations  # noqa: E402
+from tvm_effconv.ops import dsconv  # noqa: E402
+from tvm_effconv.targets import get_preset  # noqa: E402
+
+# Deprecation noise from inside torch.export (as in pyproject's pytest filters).
+warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+warnings.filterwarnings("ignore", message=".*is deprecated. Please switch to", category=DeprecationWarning)
+# PyTorch's quantized tensors are deprecated, but they are the int8 peer measured here.
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel", category=UserWarning)
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def macs(cin, cout, k, stride, size):
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    return cout * out * out * cin * k * k
+
+
+# --- the layers ---
+
+def make_layers(cin, cout, k, stride, size, bits, block, seed=0):
+    """The float conv, our DSConv layer + ReLU (eval, calibrated) and the input."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, k // 2).eval()
+    x = torch.randn(1, cin, size, size)
+    layer = DSConv2d.from_conv(conv, bits, block).eval()
+    calibrate_activations(layer, [x])  # act_scale = max|x| / 127
+    return conv, nn.Sequential(layer, nn.ReLU()).eval(), x
+
+
+def compile_ours(model, x, preset):
+    start = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+    executable, report = builder.build(frontend.to_relax(exported, preset.target), preset)
+    if report.unscheduled:
+        raise RuntimeError(f"functions left unscheduled: {report.unscheduled}")
+    return executable, report, time.perf_counter() - start
+
+
+def torch_int8(conv, x, reference):
+    """The qconv (ConvReLU2d, per-channel int8 weights) and its input quantization parameters, from
+    PyTorch's observers: quint8 activations with reduce_range, as its default x86 qconfig."""
+    weight_observer = PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    weight_observer(conv.weight.detach())
+    w_scale, w_zero = weight_observer.calculate_qparams()
+    weight = torch.quantize_per_channel(conv.weight.detach(), w_scale.double(), w_zero.long(), 0, torch.qint8)
+    input_observer = MinMaxObserver(dtype=torch.quint8, quant_min=0, quant_max=127)  # reduce_range
+    input_observer(x)
+    x_scale, x_zero = (float(v) for v in input_observer.calculate_qparams())
+    output_observer = MinMaxObserver(dtype=torch.quint8)
+    output_observer(reference)
+    y_scale, y_zero = (float(v) for v in output_observer.calculate_qparams())
+    qconv = nniq.ConvReLU2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+    qconv.set_weight_bias(weight, conv.bias.detach())
+    qconv.scale, qconv.zero_point = y_scale, int(y_zero)
+    return qconv, x_scale, int(x_zero)
+
+
+# --- timing ---
+
+class Timed:
+    """One measurement: ``once()`` calls the thing ``number`` times and returns the mean seconds."""
+
+    def __init__(self, call=None, tvm_timer=None, tvm_args=()):
+        self.call, self.tvm_timer, self.tvm_args, self.number = call, tvm_timer, tvm_args, 1
+        self.results = []
+
+    def once(self):
+        if self.tvm_timer is not None:
+            return self.tvm_timer(self.number)(*self.tvm_args).results[0]
+        call, number = self.call, self.number
+        start = time.perf_counter()
+        for _ in range(number):
+            call()
+        return (time.perf_counter() - start) / number
+
+    def calibrate(self, repeat_s):
+        """Warm up for ~2 repeats' length (at least 3 calls), then pick ``number`` for one repeat."""
+        self.number = 1
+        spent, calls, single = 0.0, 0, math.inf
+        while calls < 3 or spent < 2 * repeat_s:
+            seconds = self.once()
+            spent, calls, single = spent + seconds, calls + 1, min(single, seconds)
+        self.number = max(1, round(repeat_s / single))
+
+    def median_ms(self):
+        return statistics.median(self.results) * 1e3
+
+
+def measure(measurements: dict, repeat: int, repeat_s: float) -> None:
+    for timed in measurements.values():
+        timed.calibrate(repeat_s)
+    for _ in range(repeat):  # interleaved: round r takes one repeat of each
+        for timed in measurements.values():
+            timed.results.append(timed.once())
+
+
+def bench_shape(index, preset, dev, args):
+    name, cin, cout, k, stride, size = SHAPES[index]
+    conv, ours_model, x = make_layers(cin, cout, k, stride, size, args.bits, args.block)
+    with torch.no_grad():
+        reference = ours_model(x)  # the eager reference op + ReLU
+        float_out = torch.relu(conv(x))
+    executable, report, compile_s = compile_ours(ours_model, x, preset)
+    vm = relax.VirtualMachine(executable, dev)
+    data = tvm.runtime.tensor(x.numpy())
+    got = vm["main"](data).numpy()
+    ref = reference.numpy()
+    error = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+
+    qconv, x_scale, x_zero = torch_int8(conv, x, float_out)
+    x_quantized = torch.quantize_per_tensor(x, x_scale, x_zero, torch.quint8)
+    int8_out = qconv(x_quantized).dequantize()
+    weight, bias, padding = conv.weight.detach(), conv.bias.detach(), conv.padding
+
+    def fp32():
+        return torch.relu(F.conv2d(x, weight, bias, stride, padding))
+
+    def int8():
+        return qconv(torch.quantize_per_tensor(x, x_scale, x_zero, torch.quint8)).dequantize()
+
+    def qconv_only():
+        return qconv(x_quantized)
+
+    def timer(number):
+        return vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=0)
+
+    measurements = {
+        "ours": Timed(tvm_timer=timer, tvm_args=(data,)),
+        "torch_fp32": Timed(fp32),
+        "torch_int8": Timed(int8),
+        "torch_qconv": Timed(qconv_only),
+    }
+    with torch.inference_mode():
+        measure(measurements, args.repeat, args.repeat_ms / 1e3)
+
+    def float_error(out):
+        scale = float(float_out.abs().max())
+        return float((out - float_out).abs().max()) / scale
+
+    mac_count = macs(cin, cout, k, stride, size)
+    ms = {key: timed.median_ms() for key, timed in measurements.items()}
+    return {
+        "index": index,
+        "layer": name,
+        "in_channels": cin, "out_channels": cout, "kernel": k, "stride": stride, "size": size,
+        "macs": mac_count,
+        "ms": ms,
+        "ratio_torch_over_ours": {key: ms[key] / ms["ours"] for key, _, _ in PEERS},
+        "ours_gmacs": mac_count / (ms["ours"] * 1e-3) / 1e9,
+        "number": {key: timed.number for key, timed in measurements.items()},
+        "repeats_s": {key: timed.results for key, timed in measurements.items()},
+        "correctness": {"max_rel_error_vs_reference_op": error, "tolerance": TOLERANCE, "passed": error <= TOLERANCE},
+        # Not checks: how far each quantized layer is from the float conv it came from.
+        "max_rel_error_vs_fp32_conv": {"ours_dsconv": float_error(torch.from_numpy(got)), "torch_int8": float_error(int8_out)},
+        "compile_s": compile_s,
+        "build": {"default_schedule": report.default_schedule, "from_records": report.from_records},
+        "act_scale": float(ours_model[0].act_scale),
+    }
+
+
+# --- output ---
+
+COLUMNS = [  # (heading, width, format of a row)
+    ("layer", 20, lambda r: r["layer"]),
+    ("MMACs", 7, lambda r: f"{r['macs'] / 1e6:.1f}"),
+    ("ours ms", 8, lambda r: f"{r['ms']['ours']:.3f}"),
+    ("fp32 ms", 8, lambda r: f"{r['ms']['torch_fp32']:.3f}"),
+    ("int8 ms", 8, lambda r: f"{r['ms']['torch_int8']:.3f}"),
+    ("qconv ms", 9, lambda r: f"{r['ms']['torch_qconv']:.3f}"),
+    ("fp32/ours", 10, lambda r: f"{r['ratio_torch_over_ours']['torch_fp32']:.2f}"),
+    ("int8/ours", 10, lambda r: f"{r['ratio_torch_over_ours']['torch_int8']:.2f}"),
+    ("qconv/ours", 11, lambda r: f"{r['ratio_torch_over_ours']['torch_qconv']:.2f}"),
+    ("GMAC/s", 7, lambda r: f"{r['ours_gmacs']:.1f}"),
+    ("rel err", 8, lambda r: f"{r['correctness']['max_rel_error_vs_reference_op']:.0e}"
+     + ("" if r["correctness"]["passed"] else " FAIL")),
+]
+
+
+def row(cells):
+    first, *rest = cells
+    return f"{first[0]:<{first[1]}}" + "".join(f" {text:>{width}}" for text, width in rest)
+
+
+def header_lines(info):
+    return [
+        f"DSConv layer benchmark on the host, {info['date']}",
+        f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['affinity_cpus']} in this process' "
+        f"affinity), LLVM cpu {info['llvm_mcpu']}",
+        f"threads: {info['threads']} (TVM_NUM_THREADS, torch.set_num_threads); torch {info['torch']}, "
+        f"tvm {info['tvm']}, quantized engine {info['quantized_engine']}",
+        f"DSConv: {info['bits']}-bit weights, blocks of {info['block']} channels, int8 activations (calibrated "
+        f"max|x|/127), ReLU fused; kernel {info['dot_intrinsic']}; preset host, default schedule, no records",
+        f"timing: median of {info['repeat']} interleaved repeats of ~{info['repeat_ms']:g} ms each; batch 1, "
+        "float in and float out unless said",
+    ]
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary_lines(rows):
+    lines = [
+        "columns: ours = compiled DSConv+ReLU via the Relax VM (incl. activation quantization); fp32 = torch "
+        "F.conv2d+ReLU; int8 = torch quantize + qconv-ReLU + dequantize; qconv = torch qconv-ReLU alone on a "
+        "pre-quantized input; X/ours > 1 means ours is faster; rel err = max|ours - reference op| / max|reference|",
+    ]
+    geomeans = {key: geomean([r["ratio_torch_over_ours"][key] for r in rows]) for key, _, _ in PEERS}
+    lines.append(
+        "geometric mean torch/ours: "
+        + ", ".join(f"{description} {geomeans[key]:.2f}" for key, _, description in PEERS)
+    )
+    slower = []
+    for key, _, description in PEERS:
+        for r in rows:
+            ratio = r["ratio_torch_over_ours"][key]
+            if ratio < 1:
+                slower.append(f"  ours is {1 / ratio:.2f}x slower than {description} on {r['layer']} "
+                              f"({r['ms']['ours']:.3f} ms vs {r['ms'][key]:.3f} ms)")
+    if slower:
+        lines.append(f"ours is SLOWER than a peer in {len(slower)} case(s):")
+        lines.extend(slower)
+    else:
+        lines.append("ours is faster than every peer on every layer")
+    failed = [r["layer"] for r in rows if not r["correctness"]["passed"]]
+    lines.append(f"correctness: FAILED on {', '.join(failed)}" if failed else
+                 f"correctness: all {len(rows)} layers match the reference op within {TOLERANCE:g}")
+    return lines, geomeans
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = args.engine
+    preset = get_preset("host")
+    dev = tvm.cpu()
+    info = {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "llvm_mcpu": preset.target.attrs["mcpu"],
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tvm": tvm.__version__,
+        "python": platform.python_version(),
+        "quantized_engine": torch.backends.quantized.engine,
+        "bits": args.bits,
+        "block": args.block,
+        "dot_intrinsic": dsconv.kernel_choice(preset.target, args.bits).intrinsic,
+        "repeat": args.repeat,
+        "repeat_ms": args.repeat_ms,
+        "argv": sys.argv[1:],
+    }
+    for line in header_lines(info):
+        print(line)
+    print()
+    print(row([(heading, width) for heading, width, _ in COLUMNS]), flush=True)
+    rows = []
+    start = time.perf_counter()
+    for index in args.indices:
+        result = bench_shape(index, preset, dev, args)
+        rows.append(result)
+        print(row([(cell(result), width) for _, width, cell in COLUMNS]), flush=True)
+    print()
+    lines, geomeans = summary_lines(rows)
+    for line in lines:
+        print(line)
+    total_s = time.perf_counter() - start
+    print(f"total {total_s:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "machine": info,
+            "layers": rows,
+            "geomean_torch_over_ours": geomeans,
+            "all_correct": all(r["correctness"]["passed"] for r in rows),
+            "total_s": total_s,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    return 0 if all(r["correctness"]["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))

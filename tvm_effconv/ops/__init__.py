@@ -1,0 +1,1 @@
+"""TVM side of the effconv ops: one package per op (TE compute, reference, schedules, converter)."""

@@ -1,0 +1,190 @@
+"""The DSConv schedule for LLVM CPU targets: AArch64 NEON (sdot, or smull without dotprod) and x86
+(AVX2, AVX-512, VNNI). One schedule serves all of them; the dot-product intrinsic is the only
+difference, chosen per target by :func:`dot_intrinsic` and recorded in the compute's annotations.
+
+The register tile: ``kv`` weight vectors (``lanes`` output channels each) x ``yt`` x ``xt`` output
+positions. For each kernel tap (block, r, s) the tile's int32 block sums are computed from zero with
+one dot instruction per (4 input channels, vector, position), then folded into the float accumulators
+with one multiply-add; both tiles stay in registers, and the float tile is written once, with the
+fused epilogue (bias, ReLU, requantization of the next layer) applied on the way out.
+"""
+
+from tvm.target import codegen
+
+from ...intrin import arm as arm_intrin
+from ...intrin import x86 as x86_intrin
+from ...schedule_rules import register_rule
+from .compute import ACCUMULATE_BLOCK, BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
+
+DOT_ANNOTATION = "dot_intrinsic"
+PLAIN = "none"  # no intrinsic: the loops are left for LLVM to vectorize
+
+# intrinsic -> (output channels per instruction, SIMD registers, int32 lanes per register,
+#               whether it wants unsigned activations)
+DOTS = {
+    arm_intrin.SDOT_4x4: (4, 32, 4, False),
+    arm_intrin.NEON_DOT_4x4: (4, 32, 4, False),
+    x86_intrin.AVX2_DOT_8x4: (8, 16, 8, True),
+    x86_intrin.AVX512_DOT_16x4: (16, 32, 16, True),
+    x86_intrin.VNNI_DOT_16x4: (16, 32, 16, True),
+}
+# Vector registers a tile leaves free for the broadcast input, temporaries and addresses.
+RESERVED_REGISTERS = 3
+
+
+def dot_intrinsic(target, weight_bits: int) -> str:
+    """The dot-product intrinsic for ``target`` and weights of ``weight_bits`` bits."""
+
+    def has(feature):
+        return bool(codegen.llvm_cpu_has_features(feature, target))
+
+    if "aarch64" in str(target.attrs.get("mtriple", "")) or has("neon"):
+        return arm_intrin.SDOT_4x4 if has("dotprod") else arm_intrin.NEON_DOT_4x4
+    if has("avx512vnni"):
+        return x86_intrin.VNNI_DOT_16x4
+    if weight_bits <= x86_intrin.PMADDUBSW_MAX_WEIGHT_BITS:
+        if has("avx512bw"):
+            return x86_intrin.AVX512_DOT_16x4
+        if has("avx2"):
+            return x86_intrin.AVX2_DOT_8x4
+    return PLAIN
+
+
+def kernel_layout(intrinsic: str) -> tuple[int, int]:
+    """(output channels per packed weight vector, activation offset) the intrinsic wants."""
+    if intrinsic == PLAIN:
+        return 8, 0
+    lanes, _, _, unsigned = DOTS[intrinsic]
+    return lanes, 128 if unsigned else 0
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_tile(vectors: int, height: int, width: int, intrinsic: str) -> tuple[int, int, int]:
+    """(kv, yt, xt): the register tile with the most multiply-accumulates per load that fits the
+    registers twice (int32 block sums and float accumulators) beside the weight vectors."""
+    lanes, registers, int32_lanes, _ = DOTS.get(intrinsic, (8, 16, 8, False))
+    per_vector = max(1, lanes // int32_lanes)
+    fitting = [
+        (kv, yt, xt)
+        for kv in _divisors(vectors)
+        for yt in _divisors(height)[:3]
+        for xt in _divisors(width)
+        if (2 * kv * yt * xt + kv) * per_vector + RESERVED_REGISTERS <= registers
+    ]
+
+    def score(tile):
+        kv, yt, xt = tile
+        return (kv * yt * xt / (kv + yt * xt), kv * yt * xt, xt)
+
+    return max(fitting, key=score)
+
+
+def _inline_producers(sch, block) -> None:
+    """Inline the elementwise producers FuseOps put before the kernel (e.g. the quantization)."""
+    for producer in sch.get_producers(block):
+        try:
+            sch.compute_inline(producer)
+        except Exception:  # noqa: BLE001 - not inlinable (a reduction, several consumers): keep it
+            continue
+        _inline_producers(sch, block)
+        return
+
+
+def _inline_consumers(sch, block) -> None:
+    """Inline the elementwise consumers of ``block`` (bias, ReLU, requantization) into it."""
+    progress = True
+    while progress:
+        progress = False
+        for consumer in sch.get_consumers(block):
+            try:
+                sch.reverse_compute_inline(consumer)
+                progress = True
+                break
+            except Exception:  # noqa: BLE001 - not an elementwise consumer: it stays a block of its own
+                continue
+
+
+def _loops_of_iterators(sch, block, outer_count: int) -> dict:
+    """iterator index -> the loop that drives it, among the loops of ``block`` inside its first
+    ``outer_count`` loops."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body
+    by_var = {sch.get(loop).loop_var: loop for loop in loops[outer_count:]}
+    found = {}
+    for index, value in enumerate(realize.iter_values):
+        used = tirx.analysis.undefined_vars(value)
+        inner = [v for v in used if v in by_var and int(sch.get(by_var[v]).extent) > 1]
+        if inner:
+            found[index] = by_var[inner[-1]]
+    return found
+
+
+def _parallel_outer(sch, block, count: int) -> None:
+    loops = sch.get_loops(block)[:count]
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+@register_rule(SCHEDULE_RULE, ["cpu", "arm_cpu"])
+def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
+    annotations = sch.get(accumulate).annotations
+    intrinsic = str(annotations.get(DOT_ANNOTATION, PLAIN))
+    lanes, _ = kernel_layout(intrinsic)
+    intrinsic_lanes = DOTS[intrinsic][0] if intrinsic in DOTS else lanes
+
+    pack = sch.get_sblock(PACK_BLOCK)
+    block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
+    _inline_producers(sch, pack)
+    _parallel_outer(sch, pack, 5)  # n, group, block, c4, h
+    sch.unroll(sch.get_loops(pack)[-1])
+    for consumer in sch.get_consumers(pack):
+        if not sch.get(consumer).same_as(sch.get(block_sum)):  # the KDS bias' input sums
+            _parallel_outer(sch, consumer, 3)
+
+    n, k, y, x, rb, rr, rq = sch.get_loops(accumulate)
+    ko, ki = sch.split(k, [None, lanes])
+    vectors, height, width = (int(sch.get(loop).extent) for loop in (ko, y, x))
+    kv0, yt0, xt0 = default_tile(vectors, height, width, intrinsic)
+    kt, kv = sch.split(ko, knobs.tile(ko, 2, [vectors // kv0, kv0], max_innermost=8))
+    yo, yt = sch.split(y, knobs.tile(y, 2, [height // yt0, yt0], max_innermost=4))
+    xo, xt = sch.split(x, knobs.tile(x, 2, [width // xt0, xt0], max_innermost=16))
+    sch.reorder(n, kt, yo, xo, rb, rr, rq, yt, kv, xt, ki)
+    # before tensorize: parallel needs the blocks under the loop complete or reductions with init
+    sch.parallel(sch.fuse(n, kt, yo))
+
+    writeback = sch.cache_write(accumulate, 0, "local")
+    _inline_consumers(sch, writeback)
+    sch.reverse_compute_at(writeback, xo)
+    for consumer in sch.get_consumers(writeback):  # the unpadding of odd channel counts
+        _inline_consumers(sch, consumer)
+        _parallel_outer(sch, consumer, 2)
+
+    sch.compute_at(block_sum, rq)
+    sch.set_scope(block_sum, 0, "local")
+    # compute_at makes loops only for the non-unit iterators of the block sum's region
+    loops = _loops_of_iterators(sch, block_sum, len(sch.get_loops(accumulate)) - 4)  # down to rq
+    bko, by, bx, blane, c4, i4 = (loops.get(i) for i in (1, 5, 6, 7, 8, 9))  # n ko b r s y x lane c4 i4
+    spatial = [loop for loop in (by, bko, bx) if loop is not None]
+    sch.reorder(*([c4] if c4 is not None else []), *spatial, blane, i4)
+    if intrinsic == PLAIN:  # vectorize needs the reduction's init still in place
+        sch.reorder(i4, blane)
+        sch.vectorize(blane)
+        sch.unroll(i4)
+    init = sch.decompose_reduction(block_sum, c4 if c4 is not None else (spatial or [blane])[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    if intrinsic != PLAIN:
+        lane_outer, lane_inner = sch.split(blane, [None, intrinsic_lanes])
+        sch.tensorize(lane_inner, intrinsic)
+        sch.unroll(lane_outer)
+    for loop in spatial:
+        sch.unroll(loop)
+
+    sch.vectorize(ki)
+    for loop in (xt, kv, yt):
+        sch.unroll(loop)
+    init = sch.decompose_reduction(accumulate, rb)
+    sch.vectorize(sch.get_loops(init)[-1])

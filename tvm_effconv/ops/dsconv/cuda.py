@@ -1,0 +1,252 @@
+"""CUDA schedule of the DSConv kernel (rule ``effconv_dsconv2d`` for the ``cuda`` target key).
+
+Kernels, in launch order:
+
+1. ``dsconv2d_pack_input`` (with any fused elementwise producers of ``x_q`` inlined): one thread per
+   packed quad ``x_packed[n, g, b, c4, h, w, 0:4]``, threads along ``w`` so the NCHW reads coalesce;
+2. ``dsconv2d_input_sum`` (only with a KDS bias): one thread per (n, g, b, h, w), and any block that
+   could not be inlined (e.g. the block-peak reduction of a fused bfp quantizer): one thread per
+   output element of the block, its reduction serial;
+3. the convolution: a grid of (batch x spatial tiles, output-channel tiles), a thread block of
+   (``kt`` channel-vector threads) x (``yt * xt`` position threads). Each thread owns a register tile of
+   ``ki * LANES`` output channels x ``yi * xi`` positions. For every (block, r, s) of the reduction it
+   computes the int32 block sums of its tile in registers (``dsconv2d_block_sum`` computed at the
+   innermost reduction loop), ``__dp4a`` over the quads of the block (the four channels innermost in
+   both ``x_packed`` and the weights), then one float multiply-add per (k, block, r, s, position)
+   into its float accumulators; the bias and the fused elementwise consumers are applied as the
+   accumulators are written out.
+
+Knobs (``knobs.tile`` / ``knobs.choice``, defaults from :func:`default_knobs`):
+
+- ``k`` tile of the output-channel vectors ``K_padded / LANES`` = [``kb`` blockIdx.y, ``kt`` threadIdx.y,
+  ``ki`` per thread];
+- ``y`` tile of the output rows = [``yb``, ``yt``, ``yi``] and ``x`` tile of the output columns =
+  [``xb``, ``xt``, ``xi``]; blockIdx.x = (n, yb, xb), threadIdx.x = (yt, xt);
+- ``unroll``: ``pragma_auto_unroll_max_step`` of the convolution kernel, in (0, 16, 64, 512, 1024).
+
+The register tiles (block sums, accumulators, their init and write-out loops) are always unrolled.
+"""
+
+import tvm
+from tvm import s_tir
+from tvm.s_tir.schedule import ScheduleError
+from tvm.tirx.analysis import undefined_vars
+
+from ...intrin.cuda import dp4a_intrin
+from ...schedule_rules import register_rule
+from .compute import ACCUMULATE_BLOCK, BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
+
+# Output channels per weight vector: a vector's quad row is 16 contiguous bytes, and groups pad their
+# output channels only to a multiple of 4.
+LANES = 4
+# Signed int8 activations: __dp4a multiplies signed int8x4 by signed int8x4 (sm_61+).
+ACT_OFFSET = 0
+
+INPUT_SUM_BLOCK = "dsconv2d_input_sum"
+UNROLL_CHOICES = (0, 16, 64, 512, 1024)
+# Largest per-thread factor MetaSchedule may draw for each register-tile dimension.
+MAX_INNER = 4
+# Threads of the elementwise / pack kernels.
+ELEMWISE_THREADS = 256
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _realize(sch, block):
+    """The SBlockRealize of a block (the body of its innermost loop)."""
+    loops = sch.get_loops(block)
+    stmt = sch.get(loops[-1]).body
+    while not isinstance(stmt, s_tir.SBlockRealize):
+        stmt = stmt.body
+    return stmt
+
+
+def _loop_kinds(sch, block, loops):
+    """For each loop: 'R' if it drives a reduction iterator of ``block``, else 'S'."""
+    realize = _realize(sch, block)
+    kinds = []
+    for loop in loops:
+        var = sch.get(loop).loop_var
+        kind = "S"
+        for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+            if iv.iter_type == tvm.tirx.IterVar.CommReduce and _uses_var(value, var):
+                kind = "R"
+        kinds.append(kind)
+    return kinds
+
+
+def _uses_var(expr, var) -> bool:
+    return any(v.same_as(var) for v in undefined_vars(expr))
+
+
+def _written(sch, block):
+    """The buffer ``block`` writes."""
+    return sch.get(block).writes[0].source
+
+
+def _is_bound(sch, block) -> bool:
+    return any(sch.get(loop).kind == tvm.tirx.ForKind.THREAD_BINDING for loop in sch.get_loops(block))
+
+
+def _bind_flat(sch, block, threads: int = ELEMWISE_THREADS, inner_loops: int = 0):
+    """Own kernel for ``block``: its spatial loops fused over (blockIdx.x, threadIdx.x); reduction loops
+    (accumulating in a register) and the ``inner_loops`` innermost spatial loops (unrolled) stay serial
+    inside each thread."""
+    loops = sch.get_loops(block)
+    if not loops:
+        loops = [sch.add_unit_loop(block)]
+    kinds = _loop_kinds(sch, block, loops)
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reduction = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    inner = spatial[len(spatial) - inner_loops :] if inner_loops else []
+    outer = spatial[: len(spatial) - len(inner)]
+    sch.reorder(*outer, *reduction, *inner)
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    else:
+        fused = sch.add_unit_loop(reduction[0] if reduction else inner[0])
+    t = max(1, min(threads, _extent(sch, fused)))
+    bx, tx = sch.split(fused, [None, t])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    for loop in inner:
+        sch.unroll(loop)
+    if reduction:
+        write_out = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_out, tx, preserve_unit_loops=True)
+        sch.decompose_reduction(block, reduction[0])
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def default_knobs(k_vectors: int, out_h: int, out_w: int):
+    """Default tiles: 8 channels (2 vectors) x 2 columns per thread, about 128 threads per block."""
+    ki = _largest_divisor(k_vectors, 2)
+    xi = _largest_divisor(out_w, 2)
+    yi = 1
+    xt = _largest_divisor(out_w // xi, 32)
+    yt = _largest_divisor(out_h // yi, max(1, 64 // xt))
+    kt = _largest_divisor(k_vectors // ki, max(1, 128 // (xt * yt)))
+    return {
+        "k": [k_vectors // (kt * ki), kt, ki],
+        "y": [out_h // (yt * yi), yt, yi],
+        "x": [out_w // (xt * xi), xt, xi],
+        "unroll": 512,
+    }
+
+
+def _inline_producers(sch, stop_names):
+    """compute_inline every block before the pack block that allows it (repeat until none does)."""
+    progress = True
+    while progress:
+        progress = False
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+            name = sch.get(blk).name_hint
+            if name == PACK_BLOCK:
+                break
+            if name in stop_names:
+                continue
+            try:
+                sch.compute_inline(blk)
+                progress = True
+            except ScheduleError:
+                continue
+
+
+def _inline_consumers(sch, after_block, stop_names):
+    """reverse_compute_inline, in order, every block after ``after_block`` that allows it."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(after_block).name_hint) + 1
+    for name in names[start:]:
+        if name in stop_names:
+            continue
+        try:
+            sch.reverse_compute_inline(sch.get_sblock(name))
+        except ScheduleError:
+            continue
+
+
+# --- the rule --------------------------------------------------------------------------------------
+
+
+@register_rule(SCHEDULE_RULE, ["cuda"])
+def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
+    main_names = {PACK_BLOCK, BLOCK_SUM_BLOCK, INPUT_SUM_BLOCK, ACCUMULATE_BLOCK}
+    acc = block
+    block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
+    pack = sch.get_sblock(PACK_BLOCK)
+    lanes = int(_written(sch, block_sum).shape[-1])
+    packed = _written(sch, pack)
+    packed_dtype = str(packed.dtype)
+    operands = [r.source for r in sch.get(block_sum).reads]
+    weights_dtype = [str(b.dtype) for b in operands if b.name != packed.name]
+    weights_scope = [b.scope() for b in operands if b.name != packed.name]
+
+    # Fused producers of x_q into the pack stage; fused consumers into the accumulators' write-out.
+    _inline_producers(sch, main_names)
+    write_out = sch.cache_write(acc, 0, "local")
+    _inline_consumers(sch, write_out, main_names)
+
+    # The convolution kernel.
+    n, k, y, x, rb, rr, rq = sch.get_loops(acc)
+    k_vec, lane = sch.split(k, [None, lanes])
+    defaults = default_knobs(_extent(sch, k_vec), _extent(sch, y), _extent(sch, x))
+    kb, kt, ki = sch.split(k_vec, knobs.tile(k_vec, 3, defaults["k"], max_innermost=MAX_INNER))
+    yb, yt, yi = sch.split(y, knobs.tile(y, 3, defaults["y"], max_innermost=MAX_INNER))
+    xb, xt, xi = sch.split(x, knobs.tile(x, 3, defaults["x"], max_innermost=MAX_INNER))
+    sch.reorder(n, yb, xb, kb, kt, yt, xt, rb, rr, rq, ki, yi, xi, lane)
+    bx = sch.fuse(n, yb, xb)
+    tx = sch.fuse(yt, xt)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(kb, "blockIdx.y")
+    sch.bind(kt, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.annotate(bx, "pragma_auto_unroll_max_step", knobs.choice(UNROLL_CHOICES, defaults["unroll"]))
+    sch.annotate(bx, "pragma_unroll_explicit", 0)
+
+    # Accumulators written out (bias and fused consumers applied) by the thread that owns them.
+    sch.reverse_compute_at(write_out, tx, preserve_unit_loops=True)
+    depth_tx = len(sch.get_loops(acc)) - 7  # loops above rb: bx, kb, kt, tx
+    for loop in sch.get_loops(write_out)[depth_tx:]:
+        sch.unroll(loop)
+
+    # Block sums in registers, per (block, r, s) of the reduction: dp4a over the block's quads. Unit
+    # loops are kept so that the loop structure, hence the trace, does not depend on the tile sizes.
+    sch.compute_at(block_sum, rq, preserve_unit_loops=True)
+    sch.set_scope(block_sum, 0, "local")
+    depth_rq = len(sch.get_loops(acc)) - 4  # loops down to rq
+    inner = sch.get_loops(block_sum)[depth_rq:]
+    assert len(inner) == 10, "block_sum iterators: n, ko, b, r, q, y, x, lane, c4, i4"
+    spatial, c4, quad = inner[:8], inner[8], inner[9]
+    sch.reorder(c4, *spatial, quad)
+    sch.decompose_reduction(block_sum, c4)
+    for loop in spatial:
+        sch.unroll(loop)
+    init = sch.get_sblock(BLOCK_SUM_BLOCK + "_init")
+    for loop in sch.get_loops(init)[depth_rq:]:
+        sch.unroll(loop)
+    if packed_dtype in ("int8", "uint8") and weights_dtype == ["int8"]:
+        sch.tensorize(quad, dp4a_intrin(packed.scope(), weights_scope[0], "local", packed_dtype))
+
+    # Float multiply-adds of the accumulators.
+    for loop in sch.get_loops(acc)[depth_rq:]:
+        sch.unroll(loop)
+    acc_init = sch.decompose_reduction(acc, rb)
+    for loop in sch.get_loops(acc_init)[depth_tx:]:
+        sch.unroll(loop)
+
+    # The pack kernel: threads along w, the quad's four channels serial inside a thread.
+    _bind_flat(sch, sch.get_sblock(PACK_BLOCK), inner_loops=1)
+
+    # Everything else not yet bound (input sums, blocks that could not be inlined): its own kernel.
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        if not _is_bound(sch, blk):
+            _bind_flat(sch, blk)
