@@ -98,6 +98,7 @@ def apply_default_rules(mod, target):
     from .build import SCHEDULED_ATTR, is_scheduled
 
     scheduled = []
+    mod = mod.clone()  # IRModule updates are in place; leave the caller's module as it was
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
             continue

@@ -107,23 +107,6 @@ def _inline_consumers(sch, block) -> None:
                 continue
 
 
-def _loops_of_iterators(sch, block, outer_count: int) -> dict:
-    """iterator index -> the loop that drives it, among the loops of ``block`` inside its first
-    ``outer_count`` loops."""
-    from tvm import tirx
-
-    loops = sch.get_loops(block)
-    realize = sch.get(loops[-1]).body
-    by_var = {sch.get(loop).loop_var: loop for loop in loops[outer_count:]}
-    found = {}
-    for index, value in enumerate(realize.iter_values):
-        used = tirx.analysis.undefined_vars(value)
-        inner = [v for v in used if v in by_var and int(sch.get(by_var[v]).extent) > 1]
-        if inner:
-            found[index] = by_var[inner[-1]]
-    return found
-
-
 def _parallel_outer(sch, block, count: int) -> None:
     loops = sch.get_loops(block)[:count]
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
@@ -163,24 +146,23 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
         _inline_consumers(sch, consumer)
         _parallel_outer(sch, consumer, 2)
 
-    sch.compute_at(block_sum, rq)
+    # Unit loops kept: the trace must have the same loops whatever tile sizes MetaSchedule samples.
+    sch.compute_at(block_sum, rq, preserve_unit_loops=True)
     sch.set_scope(block_sum, 0, "local")
-    # compute_at makes loops only for the non-unit iterators of the block sum's region
-    loops = _loops_of_iterators(sch, block_sum, len(sch.get_loops(accumulate)) - 4)  # down to rq
-    bko, by, bx, blane, c4, i4 = (loops.get(i) for i in (1, 5, 6, 7, 8, 9))  # n ko b r s y x lane c4 i4
-    spatial = [loop for loop in (by, bko, bx) if loop is not None]
-    sch.reorder(*([c4] if c4 is not None else []), *spatial, blane, i4)
+    inner = sch.get_loops(block_sum)[-10:]  # n, ko, block, r, s, y, x, lane, c4, i4
+    bko, by, bx, blane, c4, i4 = (inner[i] for i in (1, 5, 6, 7, 8, 9))
+    sch.reorder(c4, by, bko, bx, blane, i4)
     if intrinsic == PLAIN:  # vectorize needs the reduction's init still in place
         sch.reorder(i4, blane)
         sch.vectorize(blane)
         sch.unroll(i4)
-    init = sch.decompose_reduction(block_sum, c4 if c4 is not None else (spatial or [blane])[0])
+    init = sch.decompose_reduction(block_sum, c4)
     sch.vectorize(sch.get_loops(init)[-1])
     if intrinsic != PLAIN:
         lane_outer, lane_inner = sch.split(blane, [None, intrinsic_lanes])
         sch.tensorize(lane_inner, intrinsic)
         sch.unroll(lane_outer)
-    for loop in spatial:
+    for loop in (by, bko, bx):
         sch.unroll(loop)
 
     sch.vectorize(ki)
