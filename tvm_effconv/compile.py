@@ -37,20 +37,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify_arm(preset, library: Path, inputs, expected, device_address, log) -> dict:
+def _verify_arm(preset, library: Path, inputs, expected, rtol, device_address, log) -> dict:
     from .device import emulator
 
     if device_address:
-        return _verify_on_device(preset, library, inputs, expected, device_address, f"device {device_address}")
+        return _verify_on_device(preset, library, inputs, expected, rtol, device_address, f"device {device_address}")
     log(f"starting the emulated device (qemu -cpu {preset.qemu_cpu})")
     with emulator.start(preset.qemu_cpu) as device:
         where = f"emulated aarch64 device (qemu -cpu {preset.qemu_cpu}) at {device.address}"
-        result = _verify_on_device(preset, library, inputs, expected, device.address, where)
+        result = _verify_on_device(preset, library, inputs, expected, rtol, device.address, where)
     result["note"] = "emulated device: checks correctness and ISA legality, not speed"
     return result
 
 
-def _verify_on_device(preset, library: Path, inputs, expected, address, where) -> dict:
+def _verify_on_device(preset, library: Path, inputs, expected, rtol, address, where) -> dict:
     from .device import rpc
 
     session = rpc.connect(address)
@@ -61,11 +61,11 @@ def _verify_on_device(preset, library: Path, inputs, expected, address, where) -
     with rpc.device_errors(f"running {library.name} on {where}", address):
         session.upload(str(library), target=remote_name)
         outputs = verify.run_vm(session.load_module(remote_name), session.cpu(), inputs)
-    comparison = verify.compare(outputs, expected)
+    comparison = verify.compare(outputs, expected, rtol)
     return {"where": where, "device_features": features["features"], **_comparison_dict(comparison)}
 
 
-def _verify_cuda(executable, preset, library: Path, inputs, expected, log) -> dict:
+def _verify_cuda(executable, preset, library: Path, inputs, expected, rtol, log) -> dict:
     import tvm
     from tvm.support import nvcc
 
@@ -80,7 +80,7 @@ def _verify_cuda(executable, preset, library: Path, inputs, expected, log) -> di
         result["nvcc"] = "skipped: nvcc not found (install the CUDA toolkit to check the kernels compile)"
     if tvm.cuda(0).exist:
         outputs = verify.run_vm(tvm.runtime.load_module(str(library)), tvm.cuda(0), inputs)
-        result.update(where=f"local GPU {tvm.cuda(0).device_name}", **_comparison_dict(verify.compare(outputs, expected)))
+        result.update(where=f"local GPU {tvm.cuda(0).device_name}", **_comparison_dict(verify.compare(outputs, expected, rtol)))
     else:
         result.update(where="no GPU on this machine: kernels compiled, not run", status="compiled")
     return result
@@ -161,14 +161,17 @@ def compile_model(
         export_library(executable, preset, library)
         verification = {"status": "skipped", "reason": "--no-verify"}
         if run_verify:
-            log("verifying against PyTorch")
+            quantized = frontend.quantized_ops(loaded.exported)
+            rtol = verify.QUANTIZED_RTOL if quantized else verify.RTOL
+            log("verifying against PyTorch" + (f" (relative tolerance {rtol:g}: the model quantizes activations in "
+                                               f"{', '.join(quantized)})" if quantized else ""))
             if preset.family == "host":
                 outputs = verify.run_vm(tvm.runtime.load_module(str(library)), tvm.cpu(), inputs)
-                verification = {"where": "this machine", **_comparison_dict(verify.compare(outputs, expected))}
+                verification = {"where": "this machine", **_comparison_dict(verify.compare(outputs, expected, rtol))}
             elif preset.family == "arm":
-                verification = _verify_arm(preset, library, inputs, expected, device, log)
+                verification = _verify_arm(preset, library, inputs, expected, rtol, device, log)
             else:
-                verification = _verify_cuda(executable, preset, library, inputs, expected, log)
+                verification = _verify_cuda(executable, preset, library, inputs, expected, rtol, log)
             if "max_abs_error" in verification:
                 log(f"verification on {verification['where']}: "
                     f"max abs error {verification['max_abs_error']:.3g} (tolerance {verification['tolerance']:.3g}): "

@@ -46,6 +46,16 @@ def effconv_convert_map(target, constants: dict) -> dict:
     }
 
 
+# effconv ops that quantize their input activations (verification allows rounding flips, see verify.py)
+QUANTIZING_OPS = ("dsconv2d.default",)
+
+
+def quantized_ops(exported) -> list[str]:
+    """The activation-quantizing effconv ops the model calls, by name."""
+    names = {node.target.__name__ for node in exported.graph.nodes if node.op == "call_function"}
+    return sorted(names & set(QUANTIZING_OPS))
+
+
 def foldable_batch_norm(node, constants: dict):
     """The eval-mode batch norm that is ``node``'s only user, as (node, scale, shift) with
     y = scale * x + shift per channel, or None when there is none or its statistics are not constants."""

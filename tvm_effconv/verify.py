@@ -8,6 +8,10 @@ import numpy as np
 # so bit equality is not expected; integer outputs must match exactly.
 RTOL = 1e-4
 ATOL = 1e-5
+# Models that quantize activations inside (effconv quantized ops): a float sum taken in another order
+# can put a value that sits on a rounding boundary into the neighbouring integer code, and the step
+# propagates through the following layers; the tolerance allows such isolated one-code flips.
+QUANTIZED_RTOL = 1e-2
 
 
 @dataclass
@@ -41,7 +45,7 @@ def run_vm(library, device, inputs) -> list[np.ndarray]:
     return [out.numpy() for out in flatten_outputs(vm["main"](*args))]
 
 
-def compare(outputs: list[np.ndarray], expected: list[np.ndarray]) -> Comparison:
+def compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float = RTOL) -> Comparison:
     if len(outputs) != len(expected):
         return Comparison(float("inf"), 0.0, False)
     worst, tolerance, passed = 0.0, 0.0, True
@@ -49,7 +53,7 @@ def compare(outputs: list[np.ndarray], expected: list[np.ndarray]) -> Comparison
         if out.shape != ref.shape:
             return Comparison(float("inf"), 0.0, False)
         err = float(np.max(np.abs(out.astype(np.float64) - ref.astype(np.float64)))) if out.size else 0.0
-        tol = 0.0 if np.issubdtype(ref.dtype, np.integer) else ATOL + RTOL * float(np.max(np.abs(ref), initial=0.0))
+        tol = 0.0 if np.issubdtype(ref.dtype, np.integer) else ATOL + rtol * float(np.max(np.abs(ref), initial=0.0))
         worst, tolerance = max(worst, err), max(tolerance, tol)
         passed = passed and err <= tol
     return Comparison(worst, tolerance, passed)
