@@ -316,7 +316,9 @@ def test_two_clients_at_once_are_served_by_different_devices(host_artifact, trac
     wait_all_free(tracker, len(logs))  # the servers have logged the end of their sessions
     reports = [json.loads(out.read_text()) for out in outs]
     assert all(report["device"]["kind"] == "tracker" and report["tvm"]["mean_ms"] > 0 for report in reports)
-    assert not any(report["profile"]["available"] for report in reports)  # not over RPC, said so
+    # per-kernel profiles over RPC, from the artifact's kernels.so and the manifest's kernel calls
+    assert all(report["profile"]["available"] and report["profile"]["layers"] for report in reports)
+    assert all("on the device" in report["profile"]["method"] for report in reports)
     workdirs = [report["device"]["session_workdir"] for report in reports]
     served_by = [next(port for port, log in logs.items() if f"start serving at {workdir.rstrip('/')}" in log.read_text())
                  for workdir in workdirs]
@@ -343,9 +345,13 @@ def test_direct_rpc_run_times_the_model_on_the_server(host_artifact, processes, 
     server = start_server(processes, DIRECT_PORT, tmp_path / "server.log")
     wait_until(lambda: rpc.server_answers("127.0.0.1", DIRECT_PORT, timeout=1), "the RPC server", server)
     report = tmp_path / "r.json"
-    assert main([str(host_artifact), "--rpc", f"127.0.0.1:{DIRECT_PORT}", *QUICK, "--json", str(report)]) == 0
+    assert main([str(host_artifact), "--rpc", f"127.0.0.1:{DIRECT_PORT}", *QUICK, "--profile", "--json",
+                 str(report)]) == 0
     result = json.loads(report.read_text())
     assert f"127.0.0.1:{DIRECT_PORT}" in json.dumps(result)
+    layers = result["profile"]["layers"]
+    assert layers and abs(sum(layer["share"] for layer in layers) - 1) < 1e-6
+    assert [layer["ms_per_run"] for layer in layers] == sorted((layer["ms_per_run"] for layer in layers), reverse=True)
     assert "load_module" in (tmp_path / "server.log").read_text()  # it ran there, not here
 
 
@@ -382,7 +388,7 @@ def test_emulate_runs_once_and_says_timings_mean_nothing(arm_artifact, tmp_path,
     assert main([str(arm_artifact), "--emulate", "--profile", "--json", str(tmp_path / "r.json")]) == 0
     printed = capsys.readouterr().out
     assert "timings under emulation are not meaningful" in printed and "mean ms" not in printed
-    assert "per-layer profile over RPC is not supported" in printed
+    assert "no per-kernel profile under emulation" in printed
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["device"]["kind"] == "emulated" and "cortex-a53" in report["device"]["description"]
     assert report["device"]["arch"] == "aarch64" and report["device"]["cpu_features"] == ["has_asimd"]

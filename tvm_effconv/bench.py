@@ -40,9 +40,9 @@ ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 EMULATION_NOTE = ("timings under emulation are not meaningful (qemu translates every instruction): this run "
                   "checks correctness and plumbing only; benchmark on the real board with --rpc or --rpc-tracker")
-PROFILE_RPC_NOTE = ("a per-layer profile over RPC is not supported by TVM 0.27: its runtime has no VM profiler, "
-                    "and the VM's instrument hook must be a function in the device's own process (TVM refuses "
-                    "to pass one over RPC); run the benchmark with --profile on the device itself")
+PROFILE_NO_KERNELS_NOTE = ("this artifact has no kernels.so to profile over RPC (it predates it): recompile it with "
+                           "`python -m tvm_effconv.compile`, or run --profile on the device itself")
+PROFILE_EMULATION_NOTE = "no per-kernel profile under emulation: its timings are not meaningful"
 
 
 # --- the artifact ---
@@ -392,7 +392,7 @@ def profile(model: LoadedModel, number: int, repeat: int) -> dict:
     kernel calls with their arguments; each is then called ``repeat`` times ``number`` times with those
     arguments (the median of the repeats' means counts), with a device sync around each repeat so that GPU
     kernels are timed to completion. VM builtins (allocation, shape checks) are not kernels: their time is
-    part of the end-to-end time only. Works in this process only (see PROFILE_RPC_NOTE).
+    part of the end-to-end time only. Works in this process only (over RPC: :func:`profile_remote`).
     """
     from tvm import relax
 
@@ -419,12 +419,45 @@ def profile(model: LoadedModel, number: int, repeat: int) -> dict:
         entry = totals.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += float(np.median(per_repeat))
+    return _profile_table(totals, f"each kernel call timed alone, median of {repeat} repeats of {number} calls")
+
+
+def profile_remote(artifact: Artifact, device: Device, number: int, repeat: int) -> dict:
+    """Per-kernel latency on an RPC device: the artifact's kernels.so is uploaded and each kernel call the
+    compiler listed in the manifest is timed alone with ``time_evaluator`` on random arguments of its shapes.
+
+    TVM refuses to pass the VM's instrument hook over RPC, so the calls come from the manifest; kernels
+    whose time depends on the data (LCCL's sparse conv) run at the sparsity of random inputs."""
+    import tvm
+
+    kernels = artifact.manifest.get("kernels")
+    path = artifact.path / kernels["file"] if kernels else None
+    if path is None or not path.is_file() or _file_sha256(path) != kernels["sha256"]:
+        return {"available": False, "reason": PROFILE_NO_KERNELS_NOTE}
+    generator = np.random.default_rng(0)
+    totals: dict[str, list] = {}
+    with rpc.device_errors(f"profiling the kernels on {device.description}", device.address):
+        library = device.load(path)
+        runtime_device = device.runtime_device(artifact.is_cuda)
+        for call in kernels["calls"]:
+            args = [tvm.runtime.tensor(_random_array(generator, arg["shape"], arg["dtype"]), runtime_device)
+                    for arg in call["args"]]
+            timer = library.time_evaluator(call["function"], runtime_device, number=number, repeat=repeat,
+                                           min_repeat_ms=0)
+            entry = totals.setdefault(call["function"], [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(np.median(timer(*args).results))
+    return _profile_table(totals, f"each kernel of kernels.so timed alone on the device with time_evaluator, "
+                                  f"median of {repeat} repeats of {number} calls")
+
+
+def _profile_table(totals: dict, method: str) -> dict:
+    """``totals``: function name -> [calls per run, seconds per run]; slowest first, with shares."""
     total = sum(seconds for _, seconds in totals.values())
     layers = [{"function": name, "calls_per_run": calls_per_run, "ms_per_run": seconds * 1e3,
                "share": seconds / total if total else 0.0}
               for name, (calls_per_run, seconds) in sorted(totals.items(), key=lambda item: -item[1][1])]
-    return {"available": True, "kernels_ms_per_run": total * 1e3, "layers": layers,
-            "method": f"each kernel call timed alone, median of {repeat} repeats of {number} calls"}
+    return {"available": True, "kernels_ms_per_run": total * 1e3, "layers": layers, "method": method}
 
 
 def time_torch(artifact: Artifact, inputs: list[np.ndarray], warmup: int, number: int, repeat: int, batch: int,
@@ -530,8 +563,12 @@ def _measure_on_device(report: dict, artifact: Artifact, inputs, batch: int, arg
         else:
             report["tvm"] = benchmark(model, device, args.warmup, args.number, args.repeat, batch)
         if args.profile:
-            report["profile"] = profile(model, args.number, args.repeat) if device.session is None else \
-                {"available": False, "reason": PROFILE_RPC_NOTE}
+            if device.kind == "emulated":
+                report["profile"] = {"available": False, "reason": PROFILE_EMULATION_NOTE}
+            elif device.session is None:
+                report["profile"] = profile(model, args.number, args.repeat)
+            else:
+                report["profile"] = profile_remote(artifact, device, args.number, args.repeat)
 
 
 def _release_frames(err: BaseException) -> None:

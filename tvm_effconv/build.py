@@ -21,6 +21,8 @@ class BuildReport:
     from_records: list[str] = field(default_factory=list)
     default_schedule: list[str] = field(default_factory=list)
     unscheduled: list[str] = field(default_factory=list)
+    # One run's kernel calls in order: {"function", "args": [{"shape", "dtype"}...]} (inputs, then outputs)
+    kernel_calls: list[dict] = field(default_factory=list)
 
 
 def _backend(target):
@@ -98,6 +100,33 @@ def schedule(mod, preset: Preset, database=None):
     return mod, report
 
 
+def kernel_calls(mod) -> list[dict]:
+    """The kernel (PrimFunc) calls of ``main`` in order, with their argument shapes, for timing each kernel
+    alone where the Relax VM cannot be instrumented (over RPC). Calls with symbolic shapes are skipped."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def spec(ty):
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return None
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
+        return None if None in shape else {"shape": shape, "dtype": str(ty.dtype)}
+
+    calls = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+                continue
+            outputs = value.ty.fields if isinstance(value.ty, relax.TupleType) else [value.ty]
+            args = [spec(arg.ty) for arg in value.args[1].fields] + [spec(ty) for ty in outputs]
+            if None not in args:
+                calls.append({"function": value.args[0].name_hint, "args": args})
+    return calls
+
+
 def build(mod, preset: Preset, database=None):
     """Compile a Relax module (as imported) for a preset. Returns (VMExecutable, BuildReport)."""
     import tvm
@@ -107,6 +136,7 @@ def build(mod, preset: Preset, database=None):
     backend = _backend(target)
     mod = prepare(mod, target)
     mod, report = schedule(mod, preset, database)
+    report.kernel_calls = kernel_calls(mod)
 
     @tvm.transform.module_pass(opt_level=3)
     def lower(mod, _ctx):
@@ -128,13 +158,22 @@ def check_cross_compiler(preset: Preset) -> None:
 
 def export_library(executable, preset: Preset, path: Path) -> None:
     """Write the shared object: cross-linked for aarch64, native otherwise."""
+    _export(executable, preset, path)
+
+
+def export_kernels(executable, preset: Preset, path: Path) -> None:
+    """Write the model's kernels alone as a shared object, for timing them one by one on a device."""
+    _export(executable.mod.imports[0], preset, path)
+
+
+def _export(module, preset: Preset, path: Path) -> None:
     from tvm.support import cc
 
     if preset.cross_compiler:
         check_cross_compiler(preset)
-        executable.export_library(str(path), fcompile=cc.cross_compiler(preset.cross_compiler))
+        module.export_library(str(path), fcompile=cc.cross_compiler(preset.cross_compiler))
     else:
-        executable.export_library(str(path))
+        module.export_library(str(path))
 
 
 def generated_source(executable, kind: str = "cuda", form: str = "cuda") -> str:

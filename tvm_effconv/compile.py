@@ -17,12 +17,14 @@ import uuid
 from pathlib import Path
 
 from . import __version__, frontend, verify
-from .build import build, check_cross_compiler, export_library, generated_source
+from .build import build, check_cross_compiler, export_kernels, export_library, generated_source
 from .errors import EffconvError, ToolMissingError, VerificationError, run_cli
 from .targets import get_preset
 from .tuning import load_records, records_dir
 
 LIBRARY_FILE = "model.so"
+# The kernels alone, for `bench --profile` over RPC (the Relax VM cannot be instrumented remotely).
+KERNELS_FILE = "kernels.so"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -159,6 +161,7 @@ def compile_model(
     try:
         library = staging / LIBRARY_FILE
         export_library(executable, preset, library)
+        export_kernels(executable, preset, staging / KERNELS_FILE)
         verification = {"status": "skipped", "reason": "--no-verify"}
         if run_verify:
             quantized = frontend.quantized_ops(loaded.exported)
@@ -188,6 +191,7 @@ def compile_model(
             "target_host": preset.host_config,
             "required_cpu_features": preset.required_cpu_features(),
             "library": {"file": LIBRARY_FILE, "sha256": _sha256(library), "bytes": library.stat().st_size},
+            "kernels": {"file": KERNELS_FILE, "sha256": _sha256(staging / KERNELS_FILE), "calls": report.kernel_calls},
             "inputs": _tensor_info(loaded.input_names, loaded.example_inputs),
             "outputs": _tensor_info([f"output{i}" for i in range(len(expected))], [np.asarray(e) for e in expected]),
             "records": {
