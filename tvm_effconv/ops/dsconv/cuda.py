@@ -2,29 +2,33 @@
 
 Kernels, in launch order:
 
-1. ``dsconv2d_pack_input`` (with any fused elementwise producers of ``x_q`` inlined): one thread per
-   packed quad ``x_packed[n, g, b, c4, h, w, 0:4]``, threads along ``w`` so the NCHW reads coalesce;
-2. ``dsconv2d_input_sum`` (only with a KDS bias): one thread per (n, g, b, h, w), and any block that
-   could not be inlined (e.g. the block-peak reduction of a fused bfp quantizer): one thread per
-   output element of the block, its reduction serial;
-3. the convolution: a grid of (batch x spatial tiles, output-channel tiles), a thread block of
-   (``kt`` channel-vector threads) x (``yt * xt`` position threads). Each thread owns a register tile of
+1. ``dsconv2d_pack_input``, with the fused elementwise producers of ``x_q`` (a quantizer) inlined: one
+   thread per packed quad ``x_packed[n, g, b, c4, h, w, 0:4]``, threads along ``w`` so that the NCHW
+   reads coalesce, 256 threads per block;
+2. ``dsconv2d_input_sum`` (with a KDS bias only) and every block that could not be inlined (e.g. the
+   block-peak reduction of a fused bfp quantizer, or the unpad stage when the output channels are
+   padded: ``reverse_compute_inline`` cannot invert its index): one thread per output element,
+   reductions serial in a register, 256 threads per block;
+3. the convolution: grid (blockIdx.x = batch x row tiles x column tiles, blockIdx.y = channel tiles),
+   block (threadIdx.x = ``yt * xt`` positions, threadIdx.y = ``kt`` channel vectors). Each thread owns
    ``ki * LANES`` output channels x ``yi * xi`` positions. For every (block, r, s) of the reduction it
-   computes the int32 block sums of its tile in registers (``dsconv2d_block_sum`` computed at the
-   innermost reduction loop), ``__dp4a`` over the quads of the block (the four channels innermost in
-   both ``x_packed`` and the weights), then one float multiply-add per (k, block, r, s, position)
-   into its float accumulators; the bias and the fused elementwise consumers are applied as the
-   accumulators are written out.
+   zeroes its int32 block sums (``dsconv2d_block_sum`` computed at the innermost reduction loop,
+   in registers), then per quad step loads the weight quads of its channel vectors with one 16-byte
+   load each (``cache_read`` to registers) and does ``__dp4a`` (x quad . weight quad) for every
+   (channel, position) of its tile, then one float multiply-add per (k, block, r, s, position) into its
+   float accumulators. The bias and the fused elementwise consumers (ReLU, adds, a requantize) are
+   applied as the accumulators are written out.
 
-Knobs (``knobs.tile`` / ``knobs.choice``, defaults from :func:`default_knobs`):
+Knobs, in the order the rule asks for them (defaults: :func:`default_knobs`):
 
-- ``k`` tile of the output-channel vectors ``K_padded / LANES`` = [``kb`` blockIdx.y, ``kt`` threadIdx.y,
-  ``ki`` per thread];
-- ``y`` tile of the output rows = [``yb``, ``yt``, ``yi``] and ``x`` tile of the output columns =
-  [``xb``, ``xt``, ``xi``]; blockIdx.x = (n, yb, xb), threadIdx.x = (yt, xt);
-- ``unroll``: ``pragma_auto_unroll_max_step`` of the convolution kernel, in (0, 16, 64, 512, 1024).
+- ``knobs.tile(k_vectors, 3)``: output-channel vectors ``K_padded / LANES`` = [kb, kt, ki];
+- ``knobs.tile(out_h, 3)``: rows = [yb, yt, yi]; ``knobs.tile(out_w, 3)``: columns = [xb, xt, xi]
+  (per-thread factors ki, yi, xi drawn up to ``MAX_INNER``);
+- ``knobs.choice(UNROLL_CHOICES)``: ``pragma_auto_unroll_max_step`` of the convolution kernel.
 
-The register tiles (block sums, accumulators, their init and write-out loops) are always unrolled.
+The register tiles (block sums, weight quads, accumulators, their init and write-out loops) are always
+unrolled. Unit loops are kept everywhere, so that the trace's structure does not depend on the drawn
+tile sizes and MetaSchedule's mutations replay.
 """
 
 import tvm
@@ -122,18 +126,44 @@ def _bind_flat(sch, block, threads: int = ELEMWISE_THREADS, inner_loops: int = 0
         sch.decompose_reduction(block, reduction[0])
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+    return max(d for d in _divisors(n) if d <= max(1, limit))
 
 
-def default_knobs(k_vectors: int, out_h: int, out_w: int):
-    """Default tiles: 8 channels (2 vectors) x 2 columns per thread, about 128 threads per block."""
-    ki = _largest_divisor(k_vectors, 2)
-    xi = _largest_divisor(out_w, 2)
-    yi = 1
-    xt = _largest_divisor(out_w // xi, 32)
-    yt = _largest_divisor(out_h // yi, max(1, 64 // xt))
-    kt = _largest_divisor(k_vectors // ki, max(1, 128 // (xt * yt)))
+# Below this many threads in the grid, the default register tile shrinks to make more of them.
+MIN_GRID_THREADS = 8192
+
+
+def default_knobs(batch: int, k_vectors: int, out_h: int, out_w: int) -> dict:
+    """Default tiles (perfect, like MetaSchedule's draws). Per thread: 2 channel vectors x 2 columns,
+    shrunk towards 1 x 1 while the grid would have fewer than MIN_GRID_THREADS threads. Per block: up to
+    32 positions first (a warp reads neighbouring activations and shares each weight load), then a
+    multiple of 32 threads if the divisors allow, up to 128 threads (64 for small grids)."""
+    ki, xi, yi = _largest_divisor(k_vectors, 2), _largest_divisor(out_w, 2), 1
+
+    def grid_threads():
+        return batch * (k_vectors // ki) * (out_h // yi) * (out_w // xi)
+
+    if grid_threads() < MIN_GRID_THREADS and xi > 1:
+        xi = 1
+    if grid_threads() < MIN_GRID_THREADS and ki > 1:
+        ki = 1
+    limit = 128 if grid_threads() >= 128 * 256 else 64
+    best, best_score = (1, 1, 1), None
+    for xt in _divisors(out_w // xi):
+        for yt in _divisors(out_h // yi):
+            for kt in _divisors(k_vectors // ki):
+                threads = xt * yt * kt
+                if threads > limit:
+                    continue
+                score = (min(xt * yt, 32), threads % 32 == 0, threads, xt)
+                if best_score is None or score > best_score:
+                    best, best_score = (xt, yt, kt), score
+    xt, yt, kt = best
     return {
         "k": [k_vectors // (kt * ki), kt, ki],
         "y": [out_h // (yt * yi), yt, yi],
@@ -143,13 +173,14 @@ def default_knobs(k_vectors: int, out_h: int, out_w: int):
 
 
 def _inline_producers(sch, stop_names):
-    """compute_inline every block before the pack block that allows it (repeat until none does)."""
+    """compute_inline every block before the accumulate block that allows it, but the kernel's own
+    stages (repeat until none does)."""
     progress = True
     while progress:
         progress = False
         for blk in sch.get_child_blocks(sch.get_sblock("root")):
             name = sch.get(blk).name_hint
-            if name == PACK_BLOCK:
+            if name == ACCUMULATE_BLOCK:
                 break
             if name in stop_names:
                 continue
@@ -179,6 +210,8 @@ def _inline_consumers(sch, after_block, stop_names):
 
 @register_rule(SCHEDULE_RULE, ["cuda"])
 def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
+    """Schedule the PrimFunc of ``sch`` whose ``dsconv2d_accumulate`` block is ``block``: every block
+    ends up bound to threads (see the module docstring for the kernels and the knobs)."""
     main_names = {PACK_BLOCK, BLOCK_SUM_BLOCK, INPUT_SUM_BLOCK, ACCUMULATE_BLOCK}
     acc = block
     block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
@@ -186,9 +219,8 @@ def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
     lanes = int(_written(sch, block_sum).shape[-1])
     packed = _written(sch, pack)
     packed_dtype = str(packed.dtype)
-    operands = [r.source for r in sch.get(block_sum).reads]
-    weights_dtype = [str(b.dtype) for b in operands if b.name != packed.name]
-    weights_scope = [b.scope() for b in operands if b.name != packed.name]
+    (weights,) = [r.source for r in sch.get(block_sum).reads if r.source.name != packed.name]
+    weights_name, weights_dtype = weights.name, str(weights.dtype)
 
     # Fused producers of x_q into the pack stage; fused consumers into the accumulators' write-out.
     _inline_producers(sch, main_names)
@@ -198,7 +230,7 @@ def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
     # The convolution kernel.
     n, k, y, x, rb, rr, rq = sch.get_loops(acc)
     k_vec, lane = sch.split(k, [None, lanes])
-    defaults = default_knobs(_extent(sch, k_vec), _extent(sch, y), _extent(sch, x))
+    defaults = default_knobs(_extent(sch, n), _extent(sch, k_vec), _extent(sch, y), _extent(sch, x))
     kb, kt, ki = sch.split(k_vec, knobs.tile(k_vec, 3, defaults["k"], max_innermost=MAX_INNER))
     yb, yt, yi = sch.split(y, knobs.tile(y, 3, defaults["y"], max_innermost=MAX_INNER))
     xb, xt, xi = sch.split(x, knobs.tile(x, 3, defaults["x"], max_innermost=MAX_INNER))
@@ -227,14 +259,26 @@ def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
     assert len(inner) == 10, "block_sum iterators: n, ko, b, r, q, y, x, lane, c4, i4"
     spatial, c4, quad = inner[:8], inner[8], inner[9]
     sch.reorder(c4, *spatial, quad)
-    sch.decompose_reduction(block_sum, c4)
+    init = sch.decompose_reduction(block_sum, c4)
     for loop in spatial:
         sch.unroll(loop)
-    init = sch.get_sblock(BLOCK_SUM_BLOCK + "_init")
     for loop in sch.get_loops(init)[depth_rq:]:
         sch.unroll(loop)
-    if packed_dtype in ("int8", "uint8") and weights_dtype == ["int8"]:
-        sch.tensorize(quad, dp4a_intrin(packed.scope(), weights_scope[0], "local", packed_dtype))
+    # The weight quads of a channel vector (LANES x 4 contiguous bytes) in registers, one vector load
+    # per (channel vector, quad step) instead of one load per lane.
+    weights_local = sch.cache_read(block_sum, weights_name, "local")
+    sch.compute_at(weights_local, c4, preserve_unit_loops=True)
+    copy = sch.get_loops(weights_local)[depth_rq + 1 :]  # ko, b, c4, r, s, lane, i4
+    for loop in copy[:-2]:
+        sch.unroll(loop)
+    vector = sch.fuse(copy[-2], copy[-1])
+    width = next(w for w in (16, 8, 4) if lanes * 4 % w == 0)  # bytes per load: int4, int2 or int
+    if lanes * 4 > width:
+        outer, vector = sch.split(vector, [None, width])
+        sch.unroll(outer)
+    sch.vectorize(vector)
+    if packed_dtype in ("int8", "uint8") and weights_dtype == "int8":
+        sch.tensorize(quad, dp4a_intrin(packed.scope(), "local", "local", packed_dtype))
 
     # Float multiply-adds of the accumulators.
     for loop in sch.get_loops(acc)[depth_rq:]:
