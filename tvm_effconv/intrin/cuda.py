@@ -58,3 +58,9 @@ def dp4a_intrin(scope_a: str = "global", scope_b: str = "global", scope_c: str =
         TensorIntrin.register(name, *_dp4a(scope_a, scope_b, scope_c, dtype_a), override=True)
         _REGISTERED.add(name)
     return name
+
+
+# The operand scopes the DSConv CUDA schedule tensorizes with, registered at import: replaying a tuning
+# record looks the intrinsic up by name before any schedule rule runs.
+for _dtype in ("int8", "uint8"):
+    dp4a_intrin("global", "local", "local", _dtype)
