@@ -10,6 +10,7 @@ from .dsconv import (
     dsconv2d,
     quantize_activations,
 )
+from .dsq import DSQConv2d, convert_to_dsq, dsq_quantize, qconv2d, qconv2d_integer_terms
 
 __all__ = [
     "ConversionEntry",
@@ -21,3 +22,4 @@ __all__ = [
     "dsconv2d",
     "quantize_activations",
 ]
+__all__ += ["DSQConv2d", "convert_to_dsq", "dsq_quantize", "qconv2d", "qconv2d_integer_terms"]
