@@ -52,6 +52,7 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.target import codegen
 
 from .build import SCHEDULED_ATTR, is_scheduled
+from .schedule_rules import divisors
 
 __all__ = ["SimdProfile", "apply_default_schedules", "default_schedule"]
 
@@ -203,17 +204,13 @@ class _LoopNest:
 # Tile sizes.
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _vector_unit(extent: int, lanes: int) -> int:
     """Width of one vector op along a loop: a full or half SIMD register if one divides the loop, else
     the largest divisor up to two registers (an odd width, which LLVM splits into a few ops)."""
     for width in (lanes, lanes // 2):
         if width > 1 and extent % width == 0:
             return width
-    return max(d for d in _divisors(extent) if d <= 2 * lanes)
+    return max(d for d in divisors(extent) if d <= 2 * lanes)
 
 
 def _elementwise_vector(extent: int, lanes: int) -> int:
@@ -221,7 +218,7 @@ def _elementwise_vector(extent: int, lanes: int) -> int:
     divisor up to MAX_VECTORIZE_EXTENT lanes (padded rows such as 58 or 114 wide), split by LLVM."""
     if extent % lanes == 0:
         return lanes
-    return max(d for d in _divisors(extent) if d <= MAX_VECTORIZE_EXTENT)
+    return max(d for d in divisors(extent) if d <= MAX_VECTORIZE_EXTENT)
 
 
 def _register_tile(vector_extent: int, reuse_extent: int, lanes: int, registers: int) -> tuple[int, int, int]:
@@ -241,9 +238,9 @@ def _register_tile(vector_extent: int, reuse_extent: int, lanes: int, registers:
 
     candidates = [
         (vt, rt)
-        for vt in _divisors(vector_extent)
+        for vt in divisors(vector_extent)
         if vt % unit == 0
-        for rt in _divisors(reuse_extent)
+        for rt in divisors(reuse_extent)
         if vectors(vt) * (rt + 1) + 1 <= registers - registers // 8
     ] or [(unit, 1)]
 

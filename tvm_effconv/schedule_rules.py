@@ -75,6 +75,51 @@ def register_rule(name: str, target_keys: Sequence[str], variants: Sequence[str]
     return register
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending: the perfect tile factors of a loop of extent ``n``."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def inline_producers(sch, block) -> None:
+    """compute_inline the elementwise producers that FuseOps put before ``block`` (e.g. a quantization),
+    and theirs in turn; producers that cannot be inlined (reductions) stay blocks of their own."""
+    from tvm.s_tir import ScheduleError
+
+    progress = True
+    while progress:
+        progress = False
+        for producer in sch.get_producers(block):
+            try:
+                sch.compute_inline(producer)
+                progress = True
+                break
+            except ScheduleError:
+                continue
+
+
+def inline_consumers(sch, block) -> None:
+    """reverse_compute_inline the elementwise consumers of ``block`` (bias, ReLU, residual adds, the next
+    layer's quantization) into it; a consumer that cannot be inlined (an unpadding that drops channels)
+    stays a block and gets its own elementwise consumers inlined instead."""
+    from tvm.s_tir import ScheduleError
+
+    def into(target):
+        progress = True
+        while progress:
+            progress = False
+            for consumer in sch.get_consumers(target):
+                try:
+                    sch.reverse_compute_inline(consumer)
+                    progress = True
+                    break
+                except ScheduleError:
+                    continue
+
+    into(block)
+    for consumer in sch.get_consumers(block):
+        into(consumer)
+
+
 def find_rule(sch, target):
     """(block RV, Rule) of the first block of ``sch`` annotated with a rule registered for ``target``."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):

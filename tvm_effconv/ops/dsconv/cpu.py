@@ -13,8 +13,13 @@ from tvm.target import codegen
 
 from ...intrin import arm as arm_intrin
 from ...intrin import x86 as x86_intrin
-from ...schedule_rules import register_rule
-from .compute import ACCUMULATE_BLOCK, BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
+from ...schedule_rules import (
+    divisors,
+    inline_consumers,
+    inline_producers,
+    register_rule,
+)
+from .compute import BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
 
 DOT_ANNOTATION = "dot_intrinsic"
 PLAIN = "none"  # no intrinsic: the loops are left for LLVM to vectorize
@@ -59,10 +64,6 @@ def kernel_layout(intrinsic: str) -> tuple[int, int]:
     return lanes, 128 if unsigned else 0
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def default_tile(vectors: int, height: int, width: int, intrinsic: str) -> tuple[int, int, int]:
     """(kv, yt, xt): the register tile with the most multiply-accumulates per load that fits the
     registers twice (int32 block sums and float accumulators), beside the weight vectors on ARM (x86
@@ -72,9 +73,9 @@ def default_tile(vectors: int, height: int, width: int, intrinsic: str) -> tuple
     per_vector = max(1, lanes // int32_lanes)
     fitting = [
         (kv, yt, xt)
-        for kv in _divisors(vectors)
-        for yt in _divisors(height)[:3]
-        for xt in _divisors(width)
+        for kv in divisors(vectors)
+        for yt in divisors(height)[:3]
+        for xt in divisors(width)
         if (2 * kv * yt * xt + (0 if x86 else kv)) * per_vector + RESERVED_REGISTERS["x86" if x86 else "arm"]
         <= registers
     ]
@@ -86,31 +87,6 @@ def default_tile(vectors: int, height: int, width: int, intrinsic: str) -> tuple
     return max(fitting, key=score)
 
 
-def _inline_producers(sch, block) -> None:
-    """Inline the elementwise producers FuseOps put before the kernel (e.g. the quantization)."""
-    for producer in sch.get_producers(block):
-        try:
-            sch.compute_inline(producer)
-        except Exception:  # noqa: BLE001 - not inlinable (a reduction, several consumers): keep it
-            continue
-        _inline_producers(sch, block)
-        return
-
-
-def _inline_consumers(sch, block) -> None:
-    """Inline the elementwise consumers of ``block`` (bias, ReLU, requantization) into it."""
-    progress = True
-    while progress:
-        progress = False
-        for consumer in sch.get_consumers(block):
-            try:
-                sch.reverse_compute_inline(consumer)
-                progress = True
-                break
-            except Exception:  # noqa: BLE001 - not an elementwise consumer: it stays a block of its own
-                continue
-
-
 def _parallel_outer(sch, block, count: int) -> None:
     loops = sch.get_loops(block)[:count]
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
@@ -120,12 +96,11 @@ def _parallel_outer(sch, block, count: int) -> None:
 def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     annotations = sch.get(accumulate).annotations
     intrinsic = str(annotations.get(DOT_ANNOTATION, PLAIN))
-    lanes, _ = kernel_layout(intrinsic)
-    intrinsic_lanes = DOTS[intrinsic][0] if intrinsic in DOTS else lanes
+    lanes, _ = kernel_layout(intrinsic)  # for an intrinsic: its width, so one call covers a weight vector
 
     pack = sch.get_sblock(PACK_BLOCK)
     block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
-    _inline_producers(sch, pack)
+    inline_producers(sch, pack)
     _parallel_outer(sch, pack, 5)  # n, group, block, c4, h
     sch.unroll(sch.get_loops(pack)[-1])
     for consumer in sch.get_consumers(pack):
@@ -144,10 +119,9 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     sch.parallel(sch.fuse(n, kt, yo))
 
     writeback = sch.cache_write(accumulate, 0, "local")
-    _inline_consumers(sch, writeback)
+    inline_consumers(sch, writeback)
     sch.reverse_compute_at(writeback, xo)
     for consumer in sch.get_consumers(writeback):  # the unpadding of odd channel counts
-        _inline_consumers(sch, consumer)
         _parallel_outer(sch, consumer, 2)
 
     # Unit loops kept: the trace must have the same loops whatever tile sizes MetaSchedule samples.
@@ -163,9 +137,7 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     init = sch.decompose_reduction(block_sum, c4)
     sch.vectorize(sch.get_loops(init)[-1])
     if intrinsic != PLAIN:
-        lane_outer, lane_inner = sch.split(blane, [None, intrinsic_lanes])
-        sch.tensorize(lane_inner, intrinsic)
-        sch.unroll(lane_outer)
+        sch.tensorize(blane, intrinsic)
     for loop in (by, bko, bx):
         sch.unroll(loop)
 

@@ -33,12 +33,16 @@ tile sizes and MetaSchedule's mutations replay.
 
 import tvm
 from tvm import s_tir
-from tvm.s_tir.schedule import ScheduleError
 from tvm.tirx.analysis import undefined_vars
 
 from ...intrin.cuda import dp4a_intrin
-from ...schedule_rules import register_rule
-from .compute import ACCUMULATE_BLOCK, BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
+from ...schedule_rules import (
+    divisors,
+    inline_consumers,
+    inline_producers,
+    register_rule,
+)
+from .compute import BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
 
 # Output channels per weight vector: a vector's quad row is 16 contiguous bytes, and groups pad their
 # output channels only to a multiple of 4.
@@ -46,7 +50,6 @@ LANES = 4
 # Signed int8 activations: __dp4a multiplies signed int8x4 by signed int8x4 (sm_61+).
 ACT_OFFSET = 0
 
-INPUT_SUM_BLOCK = "dsconv2d_input_sum"
 UNROLL_CHOICES = (0, 16, 64, 512, 1024)
 # Largest per-thread factor MetaSchedule may draw for each register-tile dimension.
 MAX_INNER = 4
@@ -126,12 +129,8 @@ def _bind_flat(sch, block, threads: int = ELEMWISE_THREADS, inner_loops: int = 0
         sch.decompose_reduction(block, reduction[0])
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in _divisors(n) if d <= max(1, limit))
+    return max(d for d in divisors(n) if d <= max(1, limit))
 
 
 # Below this many threads in the grid, the default register tile shrinks to make more of them.
@@ -154,9 +153,9 @@ def default_knobs(batch: int, k_vectors: int, out_h: int, out_w: int) -> dict:
         ki = 1
     limit = 128 if grid_threads() >= 128 * 256 else 64
     best, best_score = (1, 1, 1), None
-    for xt in _divisors(out_w // xi):
-        for yt in _divisors(out_h // yi):
-            for kt in _divisors(k_vectors // ki):
+    for xt in divisors(out_w // xi):
+        for yt in divisors(out_h // yi):
+            for kt in divisors(k_vectors // ki):
                 threads = xt * yt * kt
                 if threads > limit:
                     continue
@@ -172,39 +171,6 @@ def default_knobs(batch: int, k_vectors: int, out_h: int, out_w: int) -> dict:
     }
 
 
-def _inline_producers(sch, stop_names):
-    """compute_inline every block before the accumulate block that allows it, but the kernel's own
-    stages (repeat until none does)."""
-    progress = True
-    while progress:
-        progress = False
-        for blk in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(blk).name_hint
-            if name == ACCUMULATE_BLOCK:
-                break
-            if name in stop_names:
-                continue
-            try:
-                sch.compute_inline(blk)
-                progress = True
-            except ScheduleError:
-                continue
-
-
-def _inline_consumers(sch, after_block, stop_names):
-    """reverse_compute_inline, in order, every block after ``after_block`` that allows it."""
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    names = [sch.get(b).name_hint for b in blocks]
-    start = names.index(sch.get(after_block).name_hint) + 1
-    for name in names[start:]:
-        if name in stop_names:
-            continue
-        try:
-            sch.reverse_compute_inline(sch.get_sblock(name))
-        except ScheduleError:
-            continue
-
-
 # --- the rule --------------------------------------------------------------------------------------
 
 
@@ -212,7 +178,6 @@ def _inline_consumers(sch, after_block, stop_names):
 def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
     """Schedule the PrimFunc of ``sch`` whose ``dsconv2d_accumulate`` block is ``block``: every block
     ends up bound to threads (see the module docstring for the kernels and the knobs)."""
-    main_names = {PACK_BLOCK, BLOCK_SUM_BLOCK, INPUT_SUM_BLOCK, ACCUMULATE_BLOCK}
     acc = block
     block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
     pack = sch.get_sblock(PACK_BLOCK)
@@ -223,9 +188,9 @@ def schedule_dsconv2d_cuda(sch, block, knobs, variant="default"):
     weights_name, weights_dtype = weights.name, str(weights.dtype)
 
     # Fused producers of x_q into the pack stage; fused consumers into the accumulators' write-out.
-    _inline_producers(sch, main_names)
+    inline_producers(sch, pack)
     write_out = sch.cache_write(acc, 0, "local")
-    _inline_consumers(sch, write_out, main_names)
+    inline_consumers(sch, write_out)
 
     # The convolution kernel.
     n, k, y, x, rb, rr, rq = sch.get_loops(acc)
