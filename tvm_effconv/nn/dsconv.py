@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerParameterError
+from ..geometry import conv2d_output_size
 
 __all__ = [
     "ACT_MODES",
@@ -143,10 +144,7 @@ def _dsconv2d_fake(
     x, weight_codes, kds_scale, kds_bias, cds_scale, cds_bias, act_scale, stride, padding, dilation, groups, block,
     act_mode, act_bits,
 ):
-    kernel = weight_codes.shape[2:]
-    out_size = [
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
-    ]
+    out_size = conv2d_output_size(x.shape[2:], weight_codes.shape[2:], stride, padding, dilation)
     return x.new_empty(x.shape[0], weight_codes.shape[0], *out_size)
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..geometry import conv2d_output_size
 from .dsconv import (
     ConversionEntry,
     ConversionReport,
@@ -141,10 +142,6 @@ def dsq_quantize(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tenso
     return _dsq(x, lower, upper, alpha, bits)
 
 
-def _out_size(size, kernel, stride, padding, dilation) -> list[int]:
-    return [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
-
-
 def _check_qconv2d(x, weight_codes, groups, weight_bits, act_bits) -> None:
     _check_bits("qconv2d", "weight_bits", weight_bits)
     _check_bits("qconv2d", "act_bits", act_bits)
@@ -196,7 +193,7 @@ def _qconv2d_fake(
     groups, weight_bits, act_bits,
 ):
     _check_qconv2d(x, weight_codes, groups, weight_bits, act_bits)
-    out_size = _out_size(x.shape[2:], weight_codes.shape[2:], stride, padding, dilation)
+    out_size = conv2d_output_size(x.shape[2:], weight_codes.shape[2:], stride, padding, dilation)
     return x.new_empty(x.shape[0], weight_codes.shape[0], *out_size)
 
 

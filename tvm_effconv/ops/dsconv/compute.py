@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...geometry import conv2d_output_size
+
 # Block annotation that routes the main block to the registered schedule rules.
 SCHEDULE_RULE = "effconv_dsconv2d"
 # The packed-output block whose name schedules look up.
@@ -75,11 +77,7 @@ class DSConvShape:
 
     @property
     def out_size(self) -> tuple[int, int]:
-        (ph, pw), (dh, dw), (kh, kw), (sh, sw) = self.padding, self.dilation, self.kernel, self.stride
-        return (
-            (self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1,
-        )
+        return conv2d_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
 
     def packed_channel(self, k: int) -> int:
         """Index in the padded output-channel space of output channel ``k``."""
@@ -235,7 +233,7 @@ def dsconv2d(
 
     c4 = te.reduce_axis((0, s.block_quads), name="c4")
     i4 = te.reduce_axis((0, 4), name="i4")
-    group_of = lambda ko: ko // s.group_vectors  # noqa: E731
+    group_of = lambda ko: ko // s.group_vectors
 
     isum = te.compute(
         (s.batch, s.padded_out // s.lanes, s.nblocks, kh, kw, oh_, ow_, s.lanes),

@@ -7,43 +7,48 @@ float convolution with the dequantized weights; tests check all three against on
 
 import numpy as np
 
+from ...geometry import conv2d_output_size
+
+
+def _tap_windows(padded, kernel, stride, dilation, out_size):
+    """(r, s, the [.., P, Q] window of ``padded`` that kernel tap (r, s) reads) for every tap."""
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_size
+    for r in range(kernel[0]):
+        for s in range(kernel[1]):
+            yield r, s, padded[..., r * dh : r * dh + sh * (oh - 1) + 1 : sh, s * dw : s * dw + sw * (ow - 1) + 1 : sw]
+
 
 def block_sums(x_q, codes, stride, padding, dilation, groups: int, block: int):
     """isum[n, k, b, r, s, p, q] = sum over the channels c of block b of codes[k, c, r, s] * x_q[n, c, ...]."""
-    n_, c_, h_, w_ = x_q.shape
     k_, cg, kh, kw = codes.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    (ph, pw) = padding
     nblocks = -(-cg // block)
-    oh = (h_ + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_size = conv2d_output_size(x_q.shape[2:], (kh, kw), stride, padding, dilation)
     x = np.pad(x_q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     kg = k_ // groups
-    out = np.zeros((n_, k_, nblocks, kh, kw, oh, ow), np.int64)
-    for r in range(kh):
-        for s in range(kw):
-            window = x[:, :, r * dh : r * dh + sh * (oh - 1) + 1 : sh, s * dw : s * dw + sw * (ow - 1) + 1 : sw]
-            for g in range(groups):
-                for b in range(nblocks):
-                    lo, hi = b * block, min((b + 1) * block, cg)
-                    xs = window[:, g * cg + lo : g * cg + hi]  # (n, c, oh, ow)
-                    ws = codes[g * kg : (g + 1) * kg, lo:hi, r, s].astype(np.int64)  # (k, c)
-                    out[:, g * kg : (g + 1) * kg, b, r, s] = np.einsum("kc,ncpq->nkpq", ws, xs)
+    out = np.zeros((x_q.shape[0], k_, nblocks, kh, kw, *out_size), np.int64)
+    for r, s, window in _tap_windows(x, (kh, kw), stride, dilation, out_size):
+        for g in range(groups):
+            for b in range(nblocks):
+                lo, hi = b * block, min((b + 1) * block, cg)
+                xs = window[:, g * cg + lo : g * cg + hi]  # (n, c, oh, ow)
+                ws = codes[g * kg : (g + 1) * kg, lo:hi, r, s].astype(np.int64)  # (k, c)
+                out[:, g * kg : (g + 1) * kg, b, r, s] = np.einsum("kc,ncpq->nkpq", ws, xs)
     return out
 
 
 def input_block_sums(x_q, kernel, stride, padding, dilation, groups: int, block: int):
     """sum of x_q over each block's channels, at every input position a kernel tap reads:
     xsum[n, g*nblocks + b, r, s, p, q] (for the KDS bias term)."""
-    n_, c_, h_, w_ = x_q.shape
-    ones = np.ones((groups, c_ // groups) + tuple(kernel), np.int64)
+    ones = np.ones((groups, x_q.shape[1] // groups) + tuple(kernel), np.int64)
     per_group = block_sums(x_q, ones, stride, padding, dilation, groups, block)  # (n, groups, nb, r, s, p, q)
-    return per_group.reshape(n_, -1, *per_group.shape[3:])
+    return per_group.reshape(x_q.shape[0], -1, *per_group.shape[3:])
 
 
 def dsconv2d(x_q, x_scale, codes, kds_scale, kds_bias, cds_scale, cds_bias, stride, padding, dilation, groups, block):
     """float64 output of the inference form. ``x_scale``: a scalar (int8 mode) or per-block scales
     [N, groups * nblocks, H, W] (block floating point)."""
-    k_, cg, kh, kw = codes.shape
+    k_, _, kh, kw = codes.shape
     isum = block_sums(x_q, codes, stride, padding, dilation, groups, block).astype(np.float64)
     nblocks = isum.shape[2]
     kg = k_ // groups
@@ -62,15 +67,12 @@ def dsconv2d(x_q, x_scale, codes, kds_scale, kds_bias, cds_scale, cds_bias, stri
 
 def _tap_scales(x_scale, weight_shape, stride, padding, dilation, groups, nblocks):
     """The per-block activation scale each (k, b, r, s, p, q) term uses: [N, K, nb, R, S, P, Q]."""
-    n_, _, h_, w_ = x_scale.shape
+    n_ = x_scale.shape[0]
     k_, _, kh, kw = weight_shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    oh = (h_ + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (ph, pw) = padding
+    out_size = conv2d_output_size(x_scale.shape[2:], (kh, kw), stride, padding, dilation)
     padded = np.pad(x_scale, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # padding's sums are zero anyway
-    taps = np.zeros((n_, groups, nblocks, kh, kw, oh, ow))
-    for r in range(kh):
-        for s in range(kw):
-            window = padded[:, :, r * dh : r * dh + sh * (oh - 1) + 1 : sh, s * dw : s * dw + sw * (ow - 1) + 1 : sw]
-            taps[:, :, :, r, s] = window.reshape(n_, groups, nblocks, oh, ow)
+    taps = np.zeros((n_, groups, nblocks, kh, kw, *out_size))
+    for r, s, window in _tap_windows(padded, (kh, kw), stride, dilation, out_size):
+        taps[:, :, :, r, s] = window.reshape(n_, groups, nblocks, *out_size)
     return np.repeat(taps, k_ // groups, axis=1)
