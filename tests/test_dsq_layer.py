@@ -1,5 +1,5 @@
-"""DSQConv2d and dsq_quantize against their own float math: the soft step, the effconv::qconv2d reference,
-its integer terms, export, conversion, validation and a small training run."""
+"""DSQConv2d, DSQLinear and dsq_quantize against their own float math: the soft step, the effconv::qconv2d
+reference, its integer terms, export, conversion, validation and small training runs (one on real digits)."""
 
 import time
 
@@ -17,7 +17,7 @@ from tvm_effconv.nn import (
     dsq_quantize,
     qconv2d_integer_terms,
 )
-from tvm_effconv.nn.dsq import qconv2d_from_terms
+from tvm_effconv.nn.dsq import DSQLinear, qconv2d_from_terms
 
 ALL_BITS = [1, 2, 3, 4, 8]
 
@@ -404,3 +404,193 @@ def test_tiny_model_trains():
     student.eval()
     with torch.no_grad():
         assert F.mse_loss(student(x), target).item() < 0.3 * losses[0]
+
+
+# --- DSQLinear ---
+
+
+def test_linear_gradients_reach_weight_ranges_and_alpha():
+    torch.manual_seed(0)
+    layer = DSQLinear(6, 5, weight_bits=3, act_bits=2)
+    x = torch.relu(torch.randn(4, 6))
+    layer(x).square().mean().backward()
+    assert layer.act_range_initialized and layer.act_lower.item() == 0.0
+    assert layer.act_upper.item() == pytest.approx(x.max().item())
+    names = {name for name, _ in layer.named_parameters()}
+    assert names == {"weight", "bias", "weight_lower", "weight_upper", "act_lower", "act_upper",
+                     "weight_alpha_logit", "act_alpha_logit"}
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_bits, act_bits", BIT_PAIRS)
+def test_linear_eval_equals_float_math_of_hard_quantization(weight_bits, act_bits, bias):
+    """y = x_hat @ w_hat.T + bias with x_hat, w_hat the documented hard quantization (float64, numpy),
+    in training mode and through effconv::qconv2d in eval mode, for inputs with two leading dimensions."""
+    generator = torch.Generator().manual_seed(weight_bits * 10 + act_bits)
+    act_range = (-0.3, 1.7) if bias else (0.0, 1.7)  # a nonzero zero point, and inputs clipped on both sides
+    layer = DSQLinear(7, 5, bias=bias, weight_bits=weight_bits, act_bits=act_bits, act_range=act_range)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 7, generator=generator))
+        layer.init_weight_range()
+        layer.weight_lower.mul_(0.8)  # some weights clip
+        if bias:
+            layer.bias.copy_(torch.randn(5, generator=generator))
+    x = 1.5 * torch.randn(2, 3, 7, generator=generator)
+    trained = layer(x)
+    layer.eval()
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 5)
+
+    x_hat = act_range[0] + (act_range[1] - act_range[0]) / (2**act_bits - 1) * independent_codes(
+        x.numpy(), *act_range, act_bits
+    )
+    w = layer.weight.detach().numpy()
+    w_low, w_high = layer.weight_lower.detach().numpy(), layer.weight_upper.detach().numpy()
+    w_hat = np.stack([
+        w_low[k] + (w_high[k].astype(np.float64) - w_low[k]) / (2**weight_bits - 1)
+        * independent_codes(w[k], w_low[k], w_high[k], weight_bits)
+        for k in range(5)
+    ])
+    expected = x_hat @ w_hat.T + (layer.bias.detach().double().numpy() if bias else 0.0)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(trained.detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert x_hat.min() == act_range[0] and x_hat.max() == act_range[1]  # inputs clip at both ends
+
+    # The codes the op takes: a 1x1 conv's, signed int8.
+    assert layer.weight_codes.shape == (5, 7, 1, 1) and layer.weight_codes.dtype == torch.int8
+    low, high = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
+    assert low <= layer.weight_codes.min() and layer.weight_codes.max() <= high
+
+
+def test_from_linear_copies_the_float_layer_and_tracks_it_at_eight_bits():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 6)
+    layer = DSQLinear.from_linear(linear, weight_bits=8, act_bits=8)
+    assert (layer.weight_bits, layer.act_bits, layer.training) == (8, 8, True)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert torch.equal(layer.weight_lower, linear.weight.amin(1))
+    assert torch.equal(layer.weight_upper, linear.weight.amax(1))
+    x = torch.relu(torch.randn(4, 12))
+    with torch.no_grad():
+        expected, trained = linear(x), layer(x)
+        evaluated = layer.eval()(x)
+    assert (trained - expected).norm() / expected.norm() < 0.02
+    torch.testing.assert_close(evaluated, trained, rtol=1e-4, atol=1e-4)
+    assert "in_features=12, out_features=6, bias=True, weight_bits=8, act_bits=8" in repr(layer)
+
+    # The mode and a missing bias carry over; an nn.Linear state dict loads into the layer.
+    no_bias = DSQLinear.from_linear(nn.Linear(3, 2, bias=False).eval(), weight_bits=2, act_bits=2)
+    assert no_bias.bias is None and not no_bias.training
+    assert no_bias.weight_codes.abs().sum() > 0  # entering eval mode computed the codes
+    fresh = DSQLinear(12, 6)
+    missing = fresh.load_state_dict(linear.state_dict(), strict=False).missing_keys
+    assert torch.equal(fresh.weight, linear.weight) and "weight" not in missing
+
+
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        ({"weight_bits": 5}, "weight_bits"),
+        ({"weight_bits": 0}, "weight_bits"),
+        ({"act_bits": 6}, "act_bits"),
+        ({"act_bits": True}, "act_bits"),
+        ({"in_features": 0}, "in_features"),
+        ({"out_features": 2.0}, "out_features"),
+        ({"act_range": (1.0, 1.0)}, "act_range"),
+        ({"alpha": 0.5}, "alpha"),
+    ],
+)
+def test_linear_invalid_parameters_raise_clear_errors(kwargs, parameter):
+    arguments = {"in_features": 8, "out_features": 4} | kwargs
+    with pytest.raises(LayerParameterError) as info:
+        DSQLinear(**arguments)
+    assert f"DSQLinear: {parameter}={arguments[parameter]!r} is not allowed" in str(info.value)
+    assert "must be" in str(info.value)
+
+
+def test_from_linear_and_eval_input_errors():
+    with pytest.raises(LayerParameterError, match=r"DSQLinear: weight_bits=6 is not allowed.*\{1, 2, 3, 4, 8\}"):
+        DSQLinear.from_linear(nn.Linear(4, 4), weight_bits=6)
+    layer = DSQLinear(8, 4, act_range=(0.0, 1.0)).eval()
+    # 3 x 8 values would reshape to (N, 8, 1, 1) rows of other samples: refused instead.
+    with pytest.raises(LayerParameterError, match=r"x.shape=\(4, 6\) is not allowed.*\(\*, 8\)"):
+        layer(torch.randn(4, 6))
+    assert layer(torch.randn(8)).shape == (4,)
+
+
+def test_linear_exports_as_one_qconv2d_node():
+    torch.manual_seed(0)
+    model = nn.Sequential(DSQLinear(8, 16), nn.ReLU(), DSQLinear(16, 4, bias=False, weight_bits=2, act_bits=3))
+    x = torch.randn(5, 8)
+    model(x)  # sets the activation ranges
+    model.eval()
+    exported = torch.export.export(model, (x,)).run_decompositions()
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(str(torch.ops.effconv.qconv2d.default)) == 2
+    assert not any(name in target for target in targets for name in ("addmm", "linear", "aten.mm", "convolution"))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_convert_to_dsq_converts_linear_layers_on_request():
+    report = convert_to_dsq(Net(linear_head=True), linear=True)
+    assert report.swapped == ["body.0", "body.2", "head"]
+    assert report.left == ["stem", "reflect", "fc"]  # the Linear classifier is the last weight layer
+
+    def mlp():
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    model = mlp()
+    report = convert_to_dsq(model, weight_bits=2, act_bits=3, linear=True)
+    assert report.swapped == ["2"] and report.left == ["0", "4"]
+    assert isinstance(model[2], DSQLinear) and (model[2].weight_bits, model[2].act_bits) == (2, 3)
+    reasons = {entry.path: entry.reason for entry in report.entries}
+    assert "first weight layer (6 input features" in reasons["0"] and "last weight layer" in reasons["4"]
+    assert convert_to_dsq(mlp(), linear=False).entries == []  # Linears are not even considered
+    assert convert_to_dsq(mlp(), linear=True, skip_first_last=False).swapped == ["0", "2", "4"]
+    assert convert_to_dsq(mlp(), linear=True, skip_first_last=False, skip=["2"]).left == ["2"]
+
+    class ScaledLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 4), nn.Linear(4, 4))
+    entry = convert_to_dsq(model, linear=True, skip_first_last=False).entries[1]
+    assert not entry.swapped and "subclass of Linear" in entry.reason
+    assert "DSQLinear.from_linear" in convert_to_dsq(nn.Linear(4, 4), linear=True, skip_first_last=False).entries[0].reason
+
+
+def test_dsq_trains_a_digit_classifier():
+    """Real data: a small CNN on 8x8 handwritten digits (scikit-learn's copy), DSQ 4/4 (one conv and one
+    Linear quantized, as convert_to_dsq picks), trained from scratch for 60 steps; evaluated through the op."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # pixel values 0..16
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:500], order[500:800]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+    report = convert_to_dsq(model, weight_bits=4, act_bits=4, linear=True)
+    assert report.swapped == ["2", "5"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    start = time.perf_counter()
+    for step in range(60):
+        batch = train[(step % 5) * 100:(step % 5 + 1) * 100]
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert time.perf_counter() - start < 15
+    assert np.mean(losses[-5:]) < 0.3 * losses[0], losses[::10]
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(images[test]).argmax(1) == labels[test]).float().mean().item()
+    assert accuracy > 0.7, accuracy  # chance is 0.1

@@ -23,6 +23,8 @@ class BuildReport:
     unscheduled: list[str] = field(default_factory=list)
     # One run's kernel calls in order: {"function", "args": [{"shape", "dtype"}...]} (inputs, then outputs)
     kernel_calls: list[dict] = field(default_factory=list)
+    # The effconv kernels and the variant dispatch chose for each: {"function", "rule", <annotations>}
+    kernel_variants: list[dict] = field(default_factory=list)
 
 
 def _backend(target):
@@ -127,6 +129,26 @@ def kernel_calls(mod) -> list[dict]:
     return calls
 
 
+def kernel_variants(mod) -> list[dict]:
+    """For every function with an effconv kernel: its schedule rule and the variant the op's dispatch
+    recorded in the kernel block's annotations (e.g. the bit-serial or the int8 dot path of DSQ, the
+    dot intrinsic), sorted by function name."""
+    from tvm import s_tir
+
+    from .schedule_rules import RULE_ANNOTATION
+
+    variants = []
+    for name, func in sorted(_prim_funcs(mod).items()):
+        sch = s_tir.Schedule(func)
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            annotations = sch.get(block).annotations
+            if RULE_ANNOTATION not in annotations:
+                continue
+            entry = {key: (v if isinstance(v, int) else str(v)) for key, v in annotations.items()}
+            variants.append({"function": name, "rule": entry.pop(RULE_ANNOTATION), **entry})
+    return variants
+
+
 def build(mod, preset: Preset, database=None):
     """Compile a Relax module (as imported) for a preset. Returns (VMExecutable, BuildReport)."""
     import tvm
@@ -135,7 +157,9 @@ def build(mod, preset: Preset, database=None):
     target = preset.target
     backend = _backend(target)
     mod = prepare(mod, target)
+    variants = kernel_variants(mod)
     mod, report = schedule(mod, preset, database)
+    report.kernel_variants = variants
     report.kernel_calls = kernel_calls(mod)
 
     @tvm.transform.module_pass(opt_level=3)

@@ -191,7 +191,10 @@ def compile_model(
             "target_host": preset.host_config,
             "required_cpu_features": preset.required_cpu_features(),
             "library": {"file": LIBRARY_FILE, "sha256": _sha256(library), "bytes": library.stat().st_size},
-            "kernels": {"file": KERNELS_FILE, "sha256": _sha256(staging / KERNELS_FILE), "calls": report.kernel_calls},
+            "kernels": {
+                "file": KERNELS_FILE, "sha256": _sha256(staging / KERNELS_FILE), "calls": report.kernel_calls,
+                "variants": report.kernel_variants,
+            },
             "inputs": _tensor_info(loaded.input_names, loaded.example_inputs),
             "outputs": _tensor_info([f"output{i}" for i in range(len(expected))], [np.asarray(e) for e in expected]),
             "records": {

@@ -31,7 +31,7 @@ def effconv_convert_map(target, constants: dict) -> dict:
     An eval-mode batch norm that directly follows an effconv op is folded into the op's per-channel
     output scale and bias by the op's converter, which adds it to ``folded``; the batch norm then
     converts to its input."""
-    from .ops import dsconv
+    from .ops import dsconv, dsq
 
     folded: set = set()
 
@@ -42,12 +42,26 @@ def effconv_convert_map(target, constants: dict) -> dict:
 
     return {
         dsconv.OP_NAME: dsconv.converter(target, constants, folded),
+        dsq.OP_NAME: dsq.converter(target, constants, folded),
         BATCH_NORM_OP: batch_norm,
     }
 
 
+def constant_argument(constants: dict, arg, op: str, name: str):
+    """The model weight that graph argument ``arg`` of ``op`` names (numpy), None for a None argument;
+    an argument computed in the graph is refused: the kernels pack their weights at compile time."""
+    if arg is None:
+        return None
+    if getattr(arg, "name", None) not in constants:
+        raise UnsupportedOpsError(
+            f"{op}'s {name} is computed in the graph, not a weight of the model; {op} layers compile with their "
+            "weights as constants (export the model in eval mode and do not compute them)"
+        )
+    return constants[arg.name]
+
+
 # effconv ops that quantize their input activations (verification allows rounding flips, see verify.py)
-QUANTIZING_OPS = ("dsconv2d.default",)
+QUANTIZING_OPS = ("dsconv2d.default", "qconv2d.default")
 
 
 def quantized_ops(exported) -> list[str]:

@@ -75,9 +75,54 @@ def register_rule(name: str, target_keys: Sequence[str], variants: Sequence[str]
     return register
 
 
+@dataclass(frozen=True)
+class RegisterBudget:
+    """What one register tile of a CPU kernel costs, in registers of one file.
+
+    A tile is ``kv`` weight vectors x ``yt`` x ``xt`` output positions; it holds ``per_output``
+    registers per (vector, position) (accumulators), ``per_vector`` per weight vector (0 where the
+    instruction reads weights from memory) and ``per_position`` per position (a loaded input), and
+    leaves ``reserved`` for temporaries."""
+
+    registers: int
+    per_output: int
+    per_vector: int = 0
+    per_position: int = 0
+    reserved: int = 0
+
+    def fits(self, kv: int, yt: int, xt: int) -> bool:
+        used = kv * yt * xt * self.per_output + kv * self.per_vector + yt * xt * self.per_position
+        return used + self.reserved <= self.registers
+
+
+def register_tile(vectors: int, height: int, width: int, budget: RegisterBudget) -> tuple[int, int, int]:
+    """(kv, yt, xt): the register tile with the most multiply-accumulates per load (kv weight vectors
+    and yt * xt inputs loaded per step) among the perfect tiles that fit ``budget``; rows limited to
+    the first three divisors of the height (wide rows reuse each weight vector longer)."""
+    fitting = [
+        (kv, yt, xt)
+        for kv in divisors(vectors)
+        for yt in divisors(height)[:3]
+        for xt in divisors(width)
+        if budget.fits(kv, yt, xt)
+    ] or [(1, 1, 1)]
+
+    def score(tile):
+        kv, yt, xt = tile
+        return (kv * yt * xt / (kv + yt * xt), kv * yt * xt, xt)
+
+    return max(fitting, key=score)
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of ``n``, ascending: the perfect tile factors of a loop of extent ``n``."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def parallel_outer(sch, block, count: int) -> None:
+    """Fuse the outer ``count`` loops of ``block`` and run them in parallel."""
+    loops = sch.get_loops(block)[:count]
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
 def inline_producers(sch, block) -> None:

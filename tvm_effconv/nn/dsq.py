@@ -29,6 +29,9 @@ integer part is still exact: with the image zero-padded in the float domain,
 
 where acc = sum qa qw, act_sum = sum qa, weight_sum = sum qw and taps count only the (c, r, s) taps
 inside the image (:func:`qconv2d_integer_terms`). With za = 0 (post-ReLU) the last two terms vanish.
+
+:class:`DSQLinear` is the same for nn.Linear: in eval mode it is a 1x1 ``effconv::qconv2d`` on the input
+viewed as (N, in_features, 1, 1), so one op (and one compiled kernel family) serves both layers.
 """
 
 from collections.abc import Iterable
@@ -52,6 +55,7 @@ __all__ = [
     "BITS",
     "DSQConv2d",
     "DSQConversionReport",
+    "DSQLinear",
     "QConvIntegerTerms",
     "convert_to_dsq",
     "dsq_quantize",
@@ -269,7 +273,157 @@ def _alpha_logit(alpha: float) -> float:
     return torch.logit(torch.tensor(2.0 * alpha, dtype=torch.float64)).item()
 
 
-class DSQConv2d(nn.Module):
+class _DSQLayer(nn.Module):
+    """What :class:`DSQConv2d` and :class:`DSQLinear` share: weight and bias, the learnable DSQ parameters,
+    the eval-mode codes and the ``effconv::qconv2d`` call (DSQConv2d's docstring describes them).
+
+    A subclass checks and records its own geometry, then calls this ``__init__`` with the weight's shape
+    (output channels or features first) and the shape the op takes the codes in, (K, C/groups, R, S).
+    Its forward uses :meth:`_quantized_input` and :meth:`quantized_weight` in training mode and
+    :meth:`_qconv2d` in eval mode.
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        weight_shape: tuple[int, ...],
+        codes_shape: tuple[int, ...],
+        bias: bool,
+        weight_bits: int,
+        act_bits: int,
+        act_range: tuple[float, float] | None,
+        alpha: float,
+    ):
+        _check_bits(layer, "weight_bits", weight_bits)
+        _check_bits(layer, "act_bits", act_bits)
+        if act_range is not None:
+            _check(
+                len(act_range) == 2 and float(act_range[0]) < float(act_range[1]),
+                layer, "act_range", act_range, "a pair (lower, upper) with lower < upper",
+            )
+        _check(isinstance(alpha, (int, float)) and 0 < alpha < 0.5, layer, "alpha", alpha, "in (0, 0.5)")
+        super().__init__()
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        out_features = weight_shape[0]
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        # nn.Conv2d's and nn.Linear's initialisation (the same).
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            bound = self.weight[0].numel() ** -0.5
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.weight_lower = nn.Parameter(torch.empty(out_features))
+        self.weight_upper = nn.Parameter(torch.empty(out_features))
+        self.init_weight_range()
+        low, high = act_range if act_range is not None else DEFAULT_ACT_RANGE
+        self.act_lower = nn.Parameter(torch.tensor(float(low)))
+        self.act_upper = nn.Parameter(torch.tensor(float(high)))
+        logit = _alpha_logit(alpha)
+        self.weight_alpha_logit = nn.Parameter(torch.tensor(logit))
+        self.act_alpha_logit = nn.Parameter(torch.tensor(logit))
+        self.register_buffer("act_range_initialized", torch.tensor(act_range is not None))
+        self._act_range_ready = act_range is not None  # mirrors the buffer without a device sync
+
+        self.register_buffer("weight_codes", torch.zeros(codes_shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("weight_scale", torch.ones(out_features), persistent=False)
+        self.register_buffer("weight_zero_point", torch.zeros(out_features), persistent=False)
+        self.register_buffer("act_scale", torch.tensor(1.0), persistent=False)
+        self.register_buffer("act_zero_point", torch.tensor(0.0), persistent=False)
+        self.register_load_state_dict_post_hook(_DSQLayer._after_load)
+
+    def _load_float_layer(self, float_layer: nn.Module) -> "_DSQLayer":
+        """Take ``float_layer``'s weight, bias, device and mode; weight ranges at each row's min and max."""
+        self.to(float_layer.weight.device)
+        with torch.no_grad():
+            self.weight.copy_(float_layer.weight.detach())
+            if float_layer.bias is not None:
+                self.bias.copy_(float_layer.bias.detach())
+        self.init_weight_range()
+        return self.train(float_layer.training)
+
+    @torch.no_grad()
+    def init_weight_range(self) -> None:
+        """Set each output channel's weight range to its weights' min and max (a constant channel c gets
+        (c, c + max(|c|, 1) * 1e-3), so that c is a code exactly)."""
+        flat = self.weight.detach().flatten(1)
+        low, high = flat.amin(dim=1), flat.amax(dim=1)
+        degenerate = high - low <= MIN_RANGE
+        high = torch.where(degenerate, low + torch.clamp(low.abs(), min=1.0) * 1e-3, high)
+        self.weight_lower.copy_(low)
+        self.weight_upper.copy_(high)
+
+    @property
+    def weight_alpha(self) -> torch.Tensor:
+        return 0.5 * torch.sigmoid(self.weight_alpha_logit)
+
+    @property
+    def act_alpha(self) -> torch.Tensor:
+        return 0.5 * torch.sigmoid(self.act_alpha_logit)
+
+    def _per_output(self, values: torch.Tensor) -> torch.Tensor:
+        """(K,) values viewed to broadcast over the weight, (K, 1, ...)."""
+        return values.view(-1, *[1] * (self.weight.dim() - 1))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """DSQ(weight): hard-quantized values forward, differentiable in weight, its ranges and alpha."""
+        lower, upper, _, _ = _range_and_step(self.weight_lower, self.weight_upper, self.weight_bits)
+        return _dsq(self.weight, self._per_output(lower), self._per_output(upper), self.weight_alpha, self.weight_bits)
+
+    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """DSQ(x) with the activation range, which the first training batch sets unless it was given."""
+        if not self._act_range_ready:
+            self._init_act_range(x)
+        lower, upper, _, _ = _range_and_step(self.act_lower, self.act_upper, self.act_bits)
+        return _dsq(x, lower, upper, self.act_alpha, self.act_bits)
+
+    @torch.no_grad()
+    def refresh_codes(self) -> None:
+        """Recompute the eval-mode buffers (codes, scales, zero points) from the current parameters."""
+        _, _, step, zero_point = _range_and_step(self.weight_lower, self.weight_upper, self.weight_bits)
+        # Same float32 operations as the training forward's hard value: the same codes.
+        codes = _round_codes(self.weight / self._per_output(step) + self._per_output(zero_point), self.weight_bits)
+        offset = -_signed_range(self.weight_bits)[0]  # unsigned code - offset: DSConv's signed range
+        self.weight_codes.copy_((codes - offset).to(torch.int8).view_as(self.weight_codes))
+        self.weight_scale.copy_(step)
+        self.weight_zero_point.copy_(zero_point - offset)
+        _, _, step, zero_point = _range_and_step(self.act_lower, self.act_upper, self.act_bits)
+        self.act_scale.copy_(step)
+        self.act_zero_point.copy_(zero_point)
+
+    def train(self, mode: bool = True) -> "_DSQLayer":
+        super().train(mode)
+        if not mode:
+            self.refresh_codes()
+        return self
+
+    @staticmethod
+    def _after_load(module: "_DSQLayer", incompatible_keys) -> None:
+        module._act_range_ready = bool(module.act_range_initialized)
+        if not module.training:
+            module.refresh_codes()
+
+    @torch.no_grad()
+    def _init_act_range(self, x: torch.Tensor) -> None:
+        low, high = x.min().float(), x.max().float()
+        high = torch.where(high - low > MIN_RANGE, high, low + torch.clamp(low.abs(), min=1.0) * 1e-3)
+        self.act_lower.copy_(low)
+        self.act_upper.copy_(high)
+        self.act_range_initialized.fill_(True)
+        self._act_range_ready = True
+
+    def _qconv2d(self, x: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+        return torch.ops.effconv.qconv2d(
+            x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.act_scale, self.act_zero_point,
+            self.bias, list(stride), list(padding), list(dilation), groups, self.weight_bits, self.act_bits,
+        )
+
+    @property
+    def storage_bits_per_weight(self) -> float:
+        """Bits stored per weight: the code plus this layer's share of the float32 scale and zero point."""
+        return self.weight_bits + 64 * self.weight.shape[0] / self.weight.numel()
+
+
+class DSQConv2d(_DSQLayer):
     """A drop-in nn.Conv2d replacement trained with DSQ-quantized weights and activations.
 
     Parameters: ``weight`` (K, C/groups, R, S) and ``bias`` (K,) as nn.Conv2d; the clip ranges
@@ -305,58 +459,21 @@ class DSQConv2d(nn.Module):
         act_range: tuple[float, float] | None = None,
         alpha: float = DEFAULT_ALPHA,
     ):
-        super().__init__()
         layer = "DSQConv2d"
-        _check_bits(layer, "weight_bits", weight_bits)
-        _check_bits(layer, "act_bits", act_bits)
         _check(isinstance(groups, int) and groups >= 1, layer, "groups", groups, "an int >= 1")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             _check(
                 isinstance(value, int) and value >= 1 and value % groups == 0,
                 layer, name, value, f"a positive multiple of groups={groups}",
             )
-        if act_range is not None:
-            _check(
-                len(act_range) == 2 and float(act_range[0]) < float(act_range[1]),
-                layer, "act_range", act_range, "a pair (lower, upper) with lower < upper",
-            )
-        _check(isinstance(alpha, (int, float)) and 0 < alpha < 0.5, layer, "alpha", alpha, "in (0, 0.5)")
+        kernel_size = _pair(layer, "kernel_size", kernel_size, 1)
+        stride = _pair(layer, "stride", stride, 1)
+        padding = _pair(layer, "padding", padding, 0)
+        dilation = _pair(layer, "dilation", dilation, 1)
+        weight_shape = (out_channels, in_channels // groups, *kernel_size)
+        super().__init__(layer, weight_shape, weight_shape, bias, weight_bits, act_bits, act_range, alpha)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(layer, "kernel_size", kernel_size, 1)
-        self.stride = _pair(layer, "stride", stride, 1)
-        self.padding = _pair(layer, "padding", padding, 0)
-        self.dilation = _pair(layer, "dilation", dilation, 1)
-        self.weight_bits, self.act_bits = weight_bits, act_bits
-
-        channels_per_group = in_channels // groups
-        self.weight = nn.Parameter(torch.empty(out_channels, channels_per_group, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        # nn.Conv2d's initialisation.
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
-        if self.bias is not None:
-            fan_in = channels_per_group * self.kernel_size[0] * self.kernel_size[1]
-            nn.init.uniform_(self.bias, -(fan_in**-0.5), fan_in**-0.5)
-        self.weight_lower = nn.Parameter(torch.empty(out_channels))
-        self.weight_upper = nn.Parameter(torch.empty(out_channels))
-        self.init_weight_range()
-        low, high = act_range if act_range is not None else DEFAULT_ACT_RANGE
-        self.act_lower = nn.Parameter(torch.tensor(float(low)))
-        self.act_upper = nn.Parameter(torch.tensor(float(high)))
-        logit = _alpha_logit(alpha)
-        self.weight_alpha_logit = nn.Parameter(torch.tensor(logit))
-        self.act_alpha_logit = nn.Parameter(torch.tensor(logit))
-        self.register_buffer("act_range_initialized", torch.tensor(act_range is not None))
-        self._act_range_ready = act_range is not None  # mirrors the buffer without a device sync
-
-        self.register_buffer(
-            "weight_codes", torch.zeros(out_channels, channels_per_group, *self.kernel_size, dtype=torch.int8),
-            persistent=False,
-        )
-        self.register_buffer("weight_scale", torch.ones(out_channels), persistent=False)
-        self.register_buffer("weight_zero_point", torch.zeros(out_channels), persistent=False)
-        self.register_buffer("act_scale", torch.tensor(1.0), persistent=False)
-        self.register_buffer("act_zero_point", torch.tensor(0.0), persistent=False)
-        self.register_load_state_dict_post_hook(DSQConv2d._after_load)
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
 
     @classmethod
     def from_conv(
@@ -377,93 +494,14 @@ class DSQConv2d(nn.Module):
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _integer_padding(conv),
             conv.dilation, conv.groups, conv.bias is not None, weight_bits, act_bits, act_range, alpha,
-        ).to(conv.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight.detach())
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
-            layer.init_weight_range()
-        layer.train(conv.training)
-        return layer
-
-    @torch.no_grad()
-    def init_weight_range(self) -> None:
-        """Set each output channel's weight range to its weights' min and max (a constant channel c gets
-        (c, c + max(|c|, 1) * 1e-3), so that c is a code exactly)."""
-        flat = self.weight.detach().flatten(1)
-        low, high = flat.amin(dim=1), flat.amax(dim=1)
-        degenerate = high - low <= MIN_RANGE
-        high = torch.where(degenerate, low + torch.clamp(low.abs(), min=1.0) * 1e-3, high)
-        self.weight_lower.copy_(low)
-        self.weight_upper.copy_(high)
-
-    @property
-    def weight_alpha(self) -> torch.Tensor:
-        return 0.5 * torch.sigmoid(self.weight_alpha_logit)
-
-    @property
-    def act_alpha(self) -> torch.Tensor:
-        return 0.5 * torch.sigmoid(self.act_alpha_logit)
-
-    def quantized_weight(self) -> torch.Tensor:
-        """DSQ(weight): hard-quantized values forward, differentiable in weight, its ranges and alpha."""
-        lower, upper, _, _ = _range_and_step(self.weight_lower, self.weight_upper, self.weight_bits)
-        view = (-1, 1, 1, 1)
-        return _dsq(self.weight, lower.view(view), upper.view(view), self.weight_alpha, self.weight_bits)
-
-    @torch.no_grad()
-    def refresh_codes(self) -> None:
-        """Recompute the eval-mode buffers (codes, scales, zero points) from the current parameters."""
-        _, _, step, zero_point = _range_and_step(self.weight_lower, self.weight_upper, self.weight_bits)
-        view = (-1, 1, 1, 1)
-        # Same float32 operations as the training forward's hard value: the same codes.
-        codes = _round_codes(self.weight / step.view(view) + zero_point.view(view), self.weight_bits)
-        offset = -_signed_range(self.weight_bits)[0]  # unsigned code - offset: DSConv's signed range
-        self.weight_codes.copy_((codes - offset).to(torch.int8))
-        self.weight_scale.copy_(step)
-        self.weight_zero_point.copy_(zero_point - offset)
-        _, _, step, zero_point = _range_and_step(self.act_lower, self.act_upper, self.act_bits)
-        self.act_scale.copy_(step)
-        self.act_zero_point.copy_(zero_point)
-
-    def train(self, mode: bool = True) -> "DSQConv2d":
-        super().train(mode)
-        if not mode:
-            self.refresh_codes()
-        return self
-
-    @staticmethod
-    def _after_load(module: "DSQConv2d", incompatible_keys) -> None:
-        module._act_range_ready = bool(module.act_range_initialized)
-        if not module.training:
-            module.refresh_codes()
-
-    @torch.no_grad()
-    def _init_act_range(self, x: torch.Tensor) -> None:
-        low, high = x.min().float(), x.max().float()
-        high = torch.where(high - low > MIN_RANGE, high, low + torch.clamp(low.abs(), min=1.0) * 1e-3)
-        self.act_lower.copy_(low)
-        self.act_upper.copy_(high)
-        self.act_range_initialized.fill_(True)
-        self._act_range_ready = True
+        )
+        return layer._load_float_layer(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            if not self._act_range_ready:
-                self._init_act_range(x)
-            lower, upper, _, _ = _range_and_step(self.act_lower, self.act_upper, self.act_bits)
-            x = _dsq(x, lower, upper, self.act_alpha, self.act_bits)
+            x = self._quantized_input(x)
             return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return torch.ops.effconv.qconv2d(
-            x, self.weight_codes, self.weight_scale, self.weight_zero_point, self.act_scale, self.act_zero_point,
-            self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups, self.weight_bits,
-            self.act_bits,
-        )
-
-    @property
-    def storage_bits_per_weight(self) -> float:
-        """Bits stored per weight: the code plus this layer's share of the float32 scale and zero point."""
-        return self.weight_bits + 64 * self.out_channels / self.weight.numel()
+        return self._qconv2d(x, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (
@@ -473,8 +511,71 @@ class DSQConv2d(nn.Module):
         )
 
 
+class DSQLinear(_DSQLayer):
+    """A drop-in nn.Linear replacement trained with DSQ-quantized weights and activations.
+
+    Parameters, buffers and modes as :class:`DSQConv2d`, with ``weight`` (out_features, in_features) and
+    ``bias`` as nn.Linear (its state dict loads into this layer), so one weight range per output
+    feature. Inputs are (*, in_features). Training mode: ``linear(DSQ(x), DSQ(weight)) + bias``. Eval mode
+    runs the input as (N, in_features, 1, 1) through ``effconv::qconv2d`` with (out_features, in_features,
+    1, 1) codes, a 1x1 conv, and reshapes the result back: the compiler needs no op of its own for it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        act_range: tuple[float, float] | None = None,
+        alpha: float = DEFAULT_ALPHA,
+    ):
+        layer = "DSQLinear"
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, layer, name, value, "an int >= 1")
+        super().__init__(
+            layer, (out_features, in_features), (out_features, in_features, 1, 1), bias, weight_bits, act_bits,
+            act_range, alpha,
+        )
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        act_range: tuple[float, float] | None = None,
+        alpha: float = DEFAULT_ALPHA,
+    ) -> "DSQLinear":
+        """A DSQLinear with ``linear``'s weight and bias, weight ranges at each output feature's min and max."""
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weight_bits, act_bits, act_range, alpha
+        )
+        return layer._load_float_layer(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.linear(self._quantized_input(x), self.quantized_weight(), self.bias)
+        # A wrong width would still reshape (to other rows) and give silently wrong results.
+        _check(
+            x.dim() >= 1 and x.shape[-1] == self.in_features, "DSQLinear", "x.shape", tuple(x.shape),
+            f"(*, {self.in_features})",
+        )
+        y = self._qconv2d(x.reshape(-1, self.in_features, 1, 1), (1, 1), (0, 0), (1, 1), 1)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+        )
+
+
 class DSQConversionReport(ConversionReport):
-    """What :func:`convert_to_dsq` did to each nn.Conv2d, in module order; ``print`` it for a table."""
+    """What :func:`convert_to_dsq` did to each nn.Conv2d (and nn.Linear with ``linear=True``), in module
+    order; ``print`` it for a table."""
 
     def __str__(self) -> str:
         return "DSQ" + super().__str__().removeprefix("DSConv")
@@ -487,16 +588,19 @@ def convert_to_dsq(
     skip_first_last: bool = True,
     skip: Iterable[str] = (),
     alpha: float = DEFAULT_ALPHA,
+    linear: bool = False,
 ) -> DSQConversionReport:
-    """Replace every eligible nn.Conv2d in ``model`` (recursively, in place) by ``DSQConv2d.from_conv``.
+    """Replace every eligible nn.Conv2d in ``model`` (recursively, in place) by ``DSQConv2d.from_conv``,
+    and with ``linear`` every eligible nn.Linear by ``DSQLinear.from_linear``.
 
     Left as they are, each with its reason in the returned report:
-    - with ``skip_first_last`` (as in the DSQ paper): the first conv in module order (it sees the raw
-      image) and a conv that is the model's last weight layer (the last nn.Conv2d or nn.Linear in module
-      order: a convolutional classifier); a Linear classifier is never converted anyway;
-    - convs whose module path is in ``skip``;
-    - subclasses of nn.Conv2d (their forward may differ from the plain conv DSQ reproduces);
+    - with ``skip_first_last`` (as in the DSQ paper): the first candidate in module order (the first conv,
+      or with ``linear`` the first conv or Linear: it sees the raw input) and the model's last weight layer
+      (the last nn.Conv2d or nn.Linear in module order: the classifier, even when ``linear`` is off);
+    - layers whose module path is in ``skip``;
+    - subclasses of nn.Conv2d or nn.Linear (their forward may differ from the plain layer DSQ reproduces);
     - convs with a padding mode other than "zeros", or "same" padding that would be asymmetric.
+    Without ``linear``, nn.Linear layers are not converted and not listed in the report.
     The activation ranges are set by the first training batch; train (fine-tune) before eval.
     """
     _check_bits("convert_to_dsq", "weight_bits", weight_bits)
@@ -505,13 +609,17 @@ def convert_to_dsq(
     report = DSQConversionReport()
     weight_layers = [path for path, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     last = weight_layers[-1] if weight_layers else None
-    convs = [(path, module) for path, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    for index, (path, conv) in enumerate(convs):
-        reason = _reason_to_leave(conv, path, index, path == last, skip_first_last, skip)
+    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
+    candidates = [(path, module) for path, module in model.named_modules() if isinstance(module, kinds)]
+    for index, (path, module) in enumerate(candidates):
+        reason = _reason_to_leave(module, path, index, path == last, skip_first_last, skip)
         if reason is not None:
             report.entries.append(ConversionEntry(path, False, reason))
             continue
-        layer = DSQConv2d.from_conv(conv, weight_bits, act_bits, alpha=alpha)
+        if isinstance(module, nn.Linear):
+            layer = DSQLinear.from_linear(module, weight_bits, act_bits, alpha=alpha)
+        else:
+            layer = DSQConv2d.from_conv(module, weight_bits, act_bits, alpha=alpha)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, layer)
         reason = (
@@ -522,20 +630,26 @@ def convert_to_dsq(
     return report
 
 
-def _reason_to_leave(conv, path, index, is_last, skip_first_last, skip) -> str | None:
+def _reason_to_leave(module, path, index, is_last, skip_first_last, skip) -> str | None:
+    is_conv = isinstance(module, nn.Conv2d)
     if not path:
-        return "the model itself is the conv and cannot be replaced in place; use DSQConv2d.from_conv"
+        what, constructor = ("conv", "DSQConv2d.from_conv") if is_conv else ("Linear", "DSQLinear.from_linear")
+        return f"the model itself is the {what} and cannot be replaced in place; use {constructor}"
     if skip_first_last and index == 0:
-        return f"first conv ({conv.in_channels} input channels: the image), kept in float (skip_first_last=True)"
+        first = (
+            f"first conv ({module.in_channels} input channels: the image)" if is_conv
+            else f"first weight layer ({module.in_features} input features: the raw input)"
+        )
+        return f"{first}, kept in float (skip_first_last=True)"
     if skip_first_last and is_last:
         return "last weight layer of the model (the classifier), kept in float (skip_first_last=True)"
     if path in skip:
         return "listed in skip"
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is a subclass of nn.Conv2d; only plain nn.Conv2d is converted"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}; DSQ pads with zeros only"
-    if conv.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+    plain = nn.Conv2d if is_conv else nn.Linear
+    if type(module) is not plain:
+        return f"{type(module).__name__} is a subclass of {plain.__name__}; only plain {plain.__name__} is converted"
+    if is_conv and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}; DSQ pads with zeros only"
+    if is_conv and module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
         return "padding='same' with an even effective kernel needs asymmetric padding"
     return None
-

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import UnsupportedOpsError
 from . import compute, cpu
 from . import cuda as cuda_schedule
 
@@ -49,17 +48,10 @@ def converter(target, constants: dict, folded: set):
     ``constants`` maps graph input names to the model's weights. A batch norm right after the op is
     folded into the CDS (the output scale and bias, as the paper does at inference) and added to
     ``folded``."""
-    from ...frontend import foldable_batch_norm
+    from ...frontend import constant_argument, foldable_batch_norm
 
     def constant(arg, name: str):
-        if arg is None:
-            return None
-        if getattr(arg, "name", None) not in constants:
-            raise UnsupportedOpsError(
-                f"dsconv2d's {name} is computed in the graph, not a weight of the model; DSConv layers compile "
-                "with their weights as constants (export the model in eval mode and do not compute them)"
-            )
-        return constants[arg.name]
+        return constant_argument(constants, arg, "dsconv2d", name)
 
     def convert(node, importer):
         from tvm import relax

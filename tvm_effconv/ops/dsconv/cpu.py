@@ -14,10 +14,12 @@ from tvm.target import codegen
 from ...intrin import arm as arm_intrin
 from ...intrin import x86 as x86_intrin
 from ...schedule_rules import (
-    divisors,
+    RegisterBudget,
     inline_consumers,
     inline_producers,
+    parallel_outer,
     register_rule,
+    register_tile,
 )
 from .compute import BLOCK_SUM_BLOCK, PACK_BLOCK, SCHEDULE_RULE
 
@@ -64,32 +66,16 @@ def kernel_layout(intrinsic: str) -> tuple[int, int]:
     return lanes, 128 if unsigned else 0
 
 
-def default_tile(vectors: int, height: int, width: int, intrinsic: str) -> tuple[int, int, int]:
-    """(kv, yt, xt): the register tile with the most multiply-accumulates per load that fits the
-    registers twice (int32 block sums and float accumulators), beside the weight vectors on ARM (x86
-    reads them as memory operands). Measured on this host's 7x7 layers: (1, 1, 7) 1.8 ms against
-    2.2-2.7 ms for (4, 1, 1), which counting weight registers had picked."""
+def tile_budget(intrinsic: str) -> RegisterBudget:
+    """The registers a tile of ``intrinsic`` costs: int32 block sums and float accumulators per
+    output, weight vectors in registers on ARM (x86 reads them as memory operands). Measured on this
+    host's 7x7 layers: (1, 1, 7) 1.8 ms against 2.2-2.7 ms for (4, 1, 1), which counting weight
+    registers on x86 had picked."""
     lanes, registers, int32_lanes, x86 = DOTS.get(intrinsic, (8, 16, 8, True))
     per_vector = max(1, lanes // int32_lanes)
-    fitting = [
-        (kv, yt, xt)
-        for kv in divisors(vectors)
-        for yt in divisors(height)[:3]
-        for xt in divisors(width)
-        if (2 * kv * yt * xt + (0 if x86 else kv)) * per_vector + RESERVED_REGISTERS["x86" if x86 else "arm"]
-        <= registers
-    ]
-
-    def score(tile):
-        kv, yt, xt = tile
-        return (kv * yt * xt / (kv + yt * xt), kv * yt * xt, xt)
-
-    return max(fitting, key=score)
-
-
-def _parallel_outer(sch, block, count: int) -> None:
-    loops = sch.get_loops(block)[:count]
-    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    return RegisterBudget(
+        registers, 2 * per_vector, 0 if x86 else per_vector, 0, RESERVED_REGISTERS["x86" if x86 else "arm"]
+    )
 
 
 @register_rule(SCHEDULE_RULE, ["cpu", "arm_cpu"])
@@ -101,16 +87,16 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     pack = sch.get_sblock(PACK_BLOCK)
     block_sum = sch.get_sblock(BLOCK_SUM_BLOCK)
     inline_producers(sch, pack)
-    _parallel_outer(sch, pack, 5)  # n, group, block, c4, h
+    parallel_outer(sch, pack, 5)  # n, group, block, c4, h
     sch.unroll(sch.get_loops(pack)[-1])
     for consumer in sch.get_consumers(pack):
         if not sch.get(consumer).same_as(sch.get(block_sum)):  # the KDS bias' input sums
-            _parallel_outer(sch, consumer, 3)
+            parallel_outer(sch, consumer, 3)
 
     n, k, y, x, rb, rr, rq = sch.get_loops(accumulate)
     ko, ki = sch.split(k, [None, lanes])
     vectors, height, width = (int(sch.get(loop).extent) for loop in (ko, y, x))
-    kv0, yt0, xt0 = default_tile(vectors, height, width, intrinsic)
+    kv0, yt0, xt0 = register_tile(vectors, height, width, tile_budget(intrinsic))
     kt, kv = sch.split(ko, knobs.tile(ko, 2, [vectors // kv0, kv0], max_innermost=8))
     yo, yt = sch.split(y, knobs.tile(y, 2, [height // yt0, yt0], max_innermost=4))
     xo, xt = sch.split(x, knobs.tile(x, 2, [width // xt0, xt0], max_innermost=16))
@@ -122,7 +108,7 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     inline_consumers(sch, writeback)
     sch.reverse_compute_at(writeback, xo)
     for consumer in sch.get_consumers(writeback):  # the unpadding of odd channel counts
-        _parallel_outer(sch, consumer, 2)
+        parallel_outer(sch, consumer, 2)
 
     # Unit loops kept: the trace must have the same loops whatever tile sizes MetaSchedule samples.
     sch.compute_at(block_sum, rq, preserve_unit_loops=True)

@@ -7,15 +7,7 @@ float convolution with the dequantized weights; tests check all three against on
 
 import numpy as np
 
-from ...geometry import conv2d_output_size
-
-
-def _tap_windows(padded, kernel, stride, dilation, out_size):
-    """(r, s, the [.., P, Q] window of ``padded`` that kernel tap (r, s) reads) for every tap."""
-    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_size
-    for r in range(kernel[0]):
-        for s in range(kernel[1]):
-            yield r, s, padded[..., r * dh : r * dh + sh * (oh - 1) + 1 : sh, s * dw : s * dw + sw * (ow - 1) + 1 : sw]
+from ...geometry import conv2d_output_size, tap_windows
 
 
 def block_sums(x_q, codes, stride, padding, dilation, groups: int, block: int):
@@ -27,7 +19,7 @@ def block_sums(x_q, codes, stride, padding, dilation, groups: int, block: int):
     x = np.pad(x_q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     kg = k_ // groups
     out = np.zeros((x_q.shape[0], k_, nblocks, kh, kw, *out_size), np.int64)
-    for r, s, window in _tap_windows(x, (kh, kw), stride, dilation, out_size):
+    for r, s, window in tap_windows(x, (kh, kw), stride, dilation, out_size):
         for g in range(groups):
             for b in range(nblocks):
                 lo, hi = b * block, min((b + 1) * block, cg)
@@ -73,6 +65,6 @@ def _tap_scales(x_scale, weight_shape, stride, padding, dilation, groups, nblock
     out_size = conv2d_output_size(x_scale.shape[2:], (kh, kw), stride, padding, dilation)
     padded = np.pad(x_scale, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # padding's sums are zero anyway
     taps = np.zeros((n_, groups, nblocks, kh, kw, *out_size))
-    for r, s, window in _tap_windows(padded, (kh, kw), stride, dilation, out_size):
+    for r, s, window in tap_windows(padded, (kh, kw), stride, dilation, out_size):
         taps[:, :, :, r, s] = window.reshape(n_, groups, nblocks, *out_size)
     return np.repeat(taps, k_ // groups, axis=1)
