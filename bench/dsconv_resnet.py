@@ -12,10 +12,11 @@ top-1 agreement. The fp32 network has random weights, so drift measures conversi
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+
+from common import cpu_model
 
 
 def parse():
@@ -28,13 +29,6 @@ def parse():
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--json", help="write every figure to this JSON file")
     return parser.parse_args()
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main():
