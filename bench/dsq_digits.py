@@ -164,6 +164,7 @@ def evaluate_dsq(model, test, train_mode_too: bool) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    loadavg_start = os.getloadavg()
     started = time.perf_counter()
     train_data, test_data = load_split(args.seed)
     torch.manual_seed(args.seed)
@@ -203,6 +204,7 @@ def run(args) -> dict:
               f"(training forward), {rows[-1]['seconds']:.1f} s", flush=True)
 
     machine = {
+        "loadavg_start": loadavg_start,
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -229,62 +231,78 @@ def percent(value) -> str:
 def markdown(document: dict) -> str:
     machine, settings = document["machine"], document["settings"]
     fp32 = document["rows"][0]
-    lines = [
-        "# DSQ on handwritten digits (scikit-learn), CPU",
-        "",
-        f"`{' '.join(['.venv/bin/python', 'bench/dsq_digits.py', *settings['argv']])}`"
-        f"({document['total_s']:.0f} s in all, {machine['date']}). Every figure is in `dsq-digits.json`.",
-        "",
+    command = " ".join([".venv/bin/python", "bench/dsq_digits.py", *settings["argv"]])
+    load_start, load_end = (", ".join(f"{v:.2f}" for v in machine[key]) for key in ("loadavg_start", "loadavg_end"))
+    lines = ["# DSQ on handwritten digits (scikit-learn), CPU", ""]
+    lines.append(f"`{command}`: {document['total_s']:.0f} s in all, {machine['date']}. Every figure is in "
+                 "`dsq-digits.json`.")
+    lines += ["", (
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({machine['affinity_cpus']} in this "
-        f"process' affinity), {machine['torch_threads']} torch threads; torch {machine['torch']}, scikit-learn "
-        f"{machine['scikit_learn']}, Python {machine['python']}.",
-        "",
+        f"process' affinity), {machine['torch_threads']} torch threads, load average {load_start} at the start and "
+        f"{load_end} at the end; torch {machine['torch']}, scikit-learn {machine['scikit_learn']}, Python "
+        f"{machine['python']}."
+    ), "", (
         f"Data: `load_digits`, 8x8 images, stratified split with seed {settings['seed']}: "
-        f"{settings['train_images']} train, {settings['test_images']} test (one test image = "
-        f"{100 / settings['test_images']:.2f} points). Seed {settings['seed']} for initialisation and batch order.",
+        f"{settings['train_images']} train, {settings['test_images']} test (one test image is "
+        f"{100 / settings['test_images']:.2f} points). Seed {settings['seed']} for initialisation and batch order."
+    ), (
         f"Training: fp32 {settings['fp32_epochs']} epochs from random initialisation (Adam, lr {settings['fp32_lr']}, "
         f"cosine, batch {settings['batch_size']}); each DSQ model fine-tuned from the fp32 weights for "
-        f"{settings['dsq_epochs']} epochs (Adam, lr {settings['dsq_lr']}, cosine). "
-        "DSQ layers: conv2, conv3 and the first Linear (first conv and last Linear stay float, as in the paper).",
-        "",
-        "| model (weights/activations) | epochs | test accuracy, eval mode | "
-        "test accuracy, training-mode forward | eval vs fp32 (points) |",
-        "|---|---:|---:|---:|---:|",
-        f"| fp32 | {fp32['epochs']} | {percent(fp32['accuracy_float'])} (float) | {percent(fp32['accuracy_float'])} | |",
-    ]
+        f"{settings['dsq_epochs']} epochs (Adam, lr {settings['dsq_lr']}, cosine; weights, biases, clip ranges and "
+        "alphas all learn). DSQ layers: conv2, conv3 and the first Linear; the first conv and the last Linear stay "
+        "float, as in the paper."
+    ), ""]
+    lines.append("| model (weights/activations) | epochs | test accuracy, eval mode | test accuracy, training-mode "
+                 "forward | eval vs fp32 (points) | time |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    accuracy = percent(fp32["accuracy_float"])
+    lines.append(f"| fp32 | {fp32['epochs']} | {accuracy} (float) | {accuracy} | | {fp32['seconds']:.0f} s |")
     for row in document["rows"][1:]:
         delta = 100 * (row["accuracy_eval_op"] - fp32["accuracy_float"])
+        seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
         lines.append(
             f"| {row['model']} | {row['epochs']} | {percent(row['accuracy_eval_op'])} | "
-            f"{percent(row.get('accuracy_training_forward'))} | {delta:+.2f} |"
+            f"{percent(row['accuracy_training_forward'])} | {delta:+.2f} | {seconds} |"
         )
-    tuned = [row for row in document["rows"] if row["fine_tuned"]]
-    exports = {tuple(row["export"].values()) for row in tuned}
-    agree = min(row["predictions_agree"] for row in tuned)
+    dsq_rows = document["rows"][1:]
+    disagree = sum(round((1 - row["predictions_agree"]) * settings["test_images"]) for row in dsq_rows)
+    exports = {tuple(row["export"].values()) for row in dsq_rows if row["fine_tuned"]}
     lines += [
         "",
-        "\"no fine-tuning\": converted from fp32 with activation ranges calibrated (min/max over the training set),",
-        "weight ranges at each output channel's min/max, no training. \"eval\" runs every DSQ layer through the",
-        "`effconv::qconv2d` op on integer codes (the deployed path); \"training-mode forward\" is DSQ's hard-quantized",
-        f"values through float conv/linear. The two agree on {100 * agree:.1f}% or more of the test predictions; each",
-        "fine-tuned model exports with "
-        + ", ".join(f"{q} effconv::qconv2d nodes, {c} float convs, {m} float matmuls" for q, c, m in sorted(exports))
+        (
+            "\"no fine-tuning\": converted from fp32, activation ranges calibrated (min and max over the training "
+            "set), weight ranges at each output channel's min and max, no training."
+        ),
+        (
+            "\"eval mode\" runs every DSQ layer through the `effconv::qconv2d` op on integer codes (the deployed "
+            "path); \"training-mode forward\" is DSQ's hard-quantized values through float conv and linear (they "
+            f"differ on {disagree} of {len(dsq_rows) * settings['test_images']} test predictions in all)."
+        ),
+        "Exported with `torch.export`, each fine-tuned model has "
+        + "; ".join(f"{q} effconv::qconv2d nodes, float convs: {c}, float matmuls: {m}" for q, c, m in sorted(exports))
         + " (the float first conv and last Linear).",
+        (
+            "Times are wall-clock on a shared machine: with 2 torch threads on 2 cores, a busy neighbour can slow a "
+            "phase many times over (the load averages above); the accuracies do not depend on it (same seeds, same "
+            "thread count, same results), though a different thread count may change them slightly."
+        ),
         "",
-        "Learned activation clip ranges (input of each DSQ layer; calibrated -> fine-tuned):",
+        "Activation clip ranges [lower, upper] at each DSQ layer's input, calibrated -> after fine-tuning:",
         "",
     ]
     for bits in settings["bits"]:
         before, after = (
-            next(row for row in document["rows"] if row["weight_bits"] == bits and row["fine_tuned"] == fine_tuned)
+            next(row for row in dsq_rows if row["weight_bits"] == bits and row["fine_tuned"] == fine_tuned)
             for fine_tuned in (False, True)
         )
-        ranges = ", ".join(
-            f"{path} [{before['layers'][path]['act_range'][1]:.2f} -> {after['layers'][path]['act_range'][1]:.2f}]"
+        ranges = "; ".join(
+            f"{path} [{', '.join(f'{v:.2f}' for v in before['layers'][path]['act_range'])}] -> "
+            f"[{', '.join(f'{v:.2f}' for v in after['layers'][path]['act_range'])}]"
             for path in after["layers"]
         )
-        lines.append(f"- {bits}/{bits}: upper bound {ranges}")
-    lines += ["", "Conversion (4/4 shown; the same layers at every width):", "", "```", document["conversion"], "```", ""]
+        lines.append(f"- {bits}/{bits}: {ranges}")
+    lines += ["", f"Conversion ({settings['bits'][0]}/{settings['bits'][0]} shown; the same layers at every width):",
+              "", "```", document["conversion"], "```", ""]
     return "\n".join(lines)
 
 
@@ -294,7 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dsq-epochs", type=int, default=15)
     parser.add_argument("--fp32-lr", type=float, default=3e-3)
     parser.add_argument("--dsq-lr", type=float, default=1e-3)
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2, 1])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--md", type=Path, default=RESULTS / "dsq-digits.md")

@@ -1,4 +1,4 @@
-"""ResNet-18 without torchvision, in float and with DSConv layers.
+"""ResNet-18 without torchvision, in float and with DSConv or DSQ layers.
 
 ``width`` scales the channel counts (64 is the standard network); small widths and ``size=32`` give
 quick variants for tests.
@@ -7,7 +7,8 @@ quick variants for tests.
 import torch
 from torch import nn
 
-from ..nn import calibrate_activations, convert_to_dsconv
+from ..nn import calibrate_activations, convert_to_dsconv, convert_to_dsq
+from ..nn.dsq import DSQConv2d
 from .examples import _randomize_batch_norm
 
 
@@ -86,3 +87,39 @@ def resnet18_dsconv_small():
     """A narrow DSConv ResNet-18 (width 16, 10 classes, 32x32 inputs, 4 bits, blocks of 32): the
     reference network's every layer type at a size the tests and the emulated device run quickly."""
     return resnet18_dsconv(bits=4, block=32, size=32, width=16, num_classes=10)
+
+
+def resnet18_dsq(bits: int = 4, size: int = 224, batch: int = 1, width: int = 64, num_classes: int = 1000):
+    """ResNet-18 with DSQ at ``bits``/``bits`` (weights/activations) in every conv but the stem; the
+    stem and the classifier stay float, as in the DSQ paper. Eval mode.
+
+    The weight ranges start at each channel's min and max (``DSQConv2d.from_conv``); the activation
+    ranges are set from a fixed random batch of 2 images (one training-mode forward of the DSQ layers
+    alone: the batch norms keep their statistics). The network is not fine-tuned: it checks the
+    compiler, not accuracy (bench/dsq_digits.py trains).
+    """
+    model, inputs = resnet18(batch, size, width, num_classes)
+    convert_to_dsq(model, bits, bits)
+    layers = [m for m in model.modules() if isinstance(m, DSQConv2d)]
+    for layer in layers:
+        layer.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)))
+    return model.eval(), inputs
+
+
+def resnet18_dsq_small(bits: int):
+    """A narrow DSQ ResNet-18 (width 16, 10 classes, 32x32 inputs) for the tests and the emulated device."""
+    return resnet18_dsq(bits, size=32, width=16, num_classes=10)
+
+
+def resnet18_dsq_small_2bit():
+    return resnet18_dsq_small(2)
+
+
+def resnet18_dsq_small_3bit():
+    return resnet18_dsq_small(3)
+
+
+def resnet18_dsq_small_4bit():
+    return resnet18_dsq_small(4)

@@ -11,6 +11,8 @@
 The layer and the op's eager reference are in :mod:`tvm_effconv.nn.dsq`.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +31,13 @@ PATH_ANNOTATION = "dsq_path"
 # The bit-serial kernel costs one popcount pass per plane pair (act_bits * weight_bits of them); the
 # multiply-accumulate path one pass whatever the bits. Per target family, the largest number of plane
 # pairs for which the bit-serial kernel is the faster one (above it the dot path is taken):
-# - host (x86 without VPOPCNTDQ): measured by bench/dsq.py on this host (see bench/results/dsq-host.md);
+# - x86 (scalar popcnt): measured by bench/dsq.py on this host (bench/results/dsq-host.md): A2W2 bit-serial
+#   2.29 ms against 2.88 ms for the dot path on 256x14x14, A4W4 8.5 against 2.9 ms;
 # - arm: estimated from instruction counts (no ARM hardware measured): a plane pair costs 13 NEON
 #   instructions per 4 x 128 MACs (39 MACs each); sdot does 16 MACs per instruction, smull + saddlp +
 #   addp about 5;
 # - cuda: and + __popc + add per 32 MACs (about 10 per instruction) against __dp4a's 4.
-BITSERIAL_MAX_PLANE_PAIRS = {"x86": 2, "arm_dotprod": 2, "arm": 8, "cuda": 2}
+BITSERIAL_MAX_PLANE_PAIRS = {"x86": 4, "arm_dotprod": 2, "arm": 8, "cuda": 2}
 # The dot path holds activation codes in int8 lanes (sdot, dp4a: signed) and weights within
 # pmaddubsw's exact range: at most 4 bits here, as DSQ's low-bit layers are.
 INT8_DOT_MAX_BITS = 4
@@ -58,8 +61,26 @@ def target_family(target) -> str:
     return "arm" if "neon" in intrinsic else "x86"
 
 
+# Set by :func:`forcing_path` (the benchmark times both paths to find the faster one).
+_FORCED_PATH: ContextVar[str | None] = ContextVar("forced_dsq_path", default=None)
+
+
+@contextmanager
+def forcing_path(path: str):
+    """Compile every DSQ layer with ``path`` (BITSERIAL or INT8_DOT) inside the block, whatever the
+    dispatch would pick: for benchmarking the paths against each other."""
+    token = _FORCED_PATH.set(path)
+    try:
+        yield
+    finally:
+        _FORCED_PATH.reset(token)
+
+
 def kernel_path(target, weight_bits: int, act_bits: int) -> KernelPath:
     family = target_family(target)
+    forced = _FORCED_PATH.get()
+    if forced is not None:
+        return KernelPath(forced, family, "forced (benchmark)")
     pairs, limit = weight_bits * act_bits, BITSERIAL_MAX_PLANE_PAIRS[family]
     if max(weight_bits, act_bits) > INT8_DOT_MAX_BITS:
         return KernelPath(BITSERIAL, family, f"{act_bits}-bit activations x {weight_bits}-bit weights: above the "
@@ -154,7 +175,7 @@ def converter(target, constants: dict, folded: set):
                     shape, x_codes, weights, scale, bias, offset, bias_scale, None, dot.act_offset,
                     {**annotations, DOT_ANNOTATION: dot.intrinsic},
                 )
-                return out if tap_correction is None else compute.add_padding_correction(shape, out, tap_correction)
+                return out if tap_correction is None else compute.add_zero_point_correction(shape, out, tap_correction)
 
         correction = compute.tap_correction(codes, weight_scale, weight_zero_point, act_scale, act_zero_point, weight_offset)
         if correction is not None:

@@ -12,8 +12,9 @@ and the float output (see :mod:`tvm_effconv.nn.dsq`) is, per output channel k,
 
     y = sa * sw[k] * (sum qa * uw - zu[k] * act_sum) + correction[k, p] + bias[k],   zu = zw + 2^(wb-1)
 
-where ``correction`` is the zero-point term of the taps that fall on padding, non-zero only when the
-activation zero point za is: the reference pads the float image with zeros, i.e. with the code za.
+where ``correction`` sums sa * za * sw[k] * (zu[k] * C/g - sum_c uw) over the window's taps inside the
+image; it is non-zero only when the activation zero point za is (the image is zero-padded in the
+float domain, so taps on the padding add nothing at all).
 
 Layouts (``word_bits`` channels per machine word, ``chunk`` words per SIMD operand, ``lanes`` output
 channels per weight vector, all chosen per target by :mod:`tvm_effconv.ops.dsq`):
@@ -155,11 +156,11 @@ def epilogue_constants(shape: QConvShape, weight_scale, weight_zero_point, act_s
 
 
 def tap_correction(codes, weight_scale, weight_zero_point, act_scale, act_zero_point, weight_offset: int):
-    """(K, R, S) float32: what each kernel tap that falls on padding adds to the output, or None when
-    the activation zero point za is 0. The reference pads the float image with zeros, i.e. with the
-    real-valued code za, where the kernel reads code 0; a tap on padding is therefore missing
-    sa * sw[k] * sum_c (0 - za) * (qw - zw) = sa * za * sw[k] * (zw * C/g - sum_c qw), which holds for
-    unsigned weight codes too (``weight_offset`` added to both qw and zw)."""
+    """(K, R, S) float32: the zero-point term each kernel tap inside the image adds, or None when the
+    activation zero point za is 0. With x = sa (qa - za) on the image and 0 on the padding, a tap
+    inside the image contributes sa sw[k] sum_c (qa - za)(qw - zw), of which the kernel computes the
+    terms in qa; the rest, sa * za * sw[k] * (zw * C/g - sum_c qw), depends on the tap only. It holds
+    for unsigned weight codes too (``weight_offset`` added to both qw and zw)."""
     za = float(act_zero_point)
     if za == 0.0:
         return None
@@ -319,7 +320,7 @@ def qconv2d(shape: QConvShape, codes, w_packed, scale, zero_scale, bias, tap_cor
     s = shape
     acc = bitserial_conv2d(s, pack_input(s, codes), w_packed, annotations)
     window = window_sum(s, codes)
-    correction = None if tap_correction is None else padding_correction(s, tap_correction)
+    correction = None if tap_correction is None else zero_point_correction(s, tap_correction)
 
     def dequantize(n, k, y, x):
         p = s.packed_channel(k)
@@ -330,9 +331,9 @@ def qconv2d(shape: QConvShape, codes, w_packed, scale, zero_scale, bias, tap_cor
     return _output(s, dequantize, "qconv2d_dequantize")
 
 
-def padding_correction(geometry, tap_correction):
-    """[K, P, Q]: the sum of ``tap_correction[k, r, s]`` over the taps of output (p, q) that fall on
-    padding (see :func:`tap_correction`). ``geometry`` has the conv's kernel, stride, padding, dilation,
+def zero_point_correction(geometry, tap_correction):
+    """[K, P, Q]: the sum of ``tap_correction[k, r, s]`` over the taps of output (p, q) inside the image
+    (see :func:`tap_correction`). ``geometry`` has the conv's kernel, stride, padding, dilation,
     height, width and out_size (a QConvShape or a DSConvShape)."""
     from tvm import te, tirx
 
@@ -343,15 +344,15 @@ def padding_correction(geometry, tap_correction):
 
     def correct(k, y, x):
         h, w = y * sh + r * dh - ph, x * sw + q * dw - pw
-        on_padding = tirx.any(h < 0, h >= g.height, w < 0, w >= g.width)
-        return te.sum(tirx.if_then_else(on_padding, tap_correction[k, r, q], tirx.const(0.0, "float32")), axis=[r, q])
+        inside = tirx.all(h >= 0, h < g.height, w >= 0, w < g.width)
+        return te.sum(tirx.if_then_else(inside, tap_correction[k, r, q], tirx.const(0.0, "float32")), axis=[r, q])
 
-    return te.compute((int(tap_correction.shape[0]), *g.out_size), correct, name="qconv2d_padding_correction")
+    return te.compute((int(tap_correction.shape[0]), *g.out_size), correct, name="qconv2d_zero_point_correction")
 
 
-def add_padding_correction(geometry, out, tap_correction):
-    """``out`` (float32 NCHW) plus :func:`padding_correction`: for kernels that read code 0 on padding."""
+def add_zero_point_correction(geometry, out, tap_correction):
+    """``out`` (float32 NCHW) plus :func:`zero_point_correction`, for a kernel without it."""
     from tvm import te
 
-    correction = padding_correction(geometry, tap_correction)
+    correction = zero_point_correction(geometry, tap_correction)
     return te.compute(out.shape, lambda n, k, y, x: out[n, k, y, x] + correction[k, y, x], name="qconv2d_add_correction")

@@ -1,6 +1,8 @@
 """The bit-serial schedule for LLVM CPU targets: AArch64 NEON (``cnt`` on bytes with pairwise widening
 accumulation, a tensor intrinsic), x86 with AVX-512 VPOPCNTDQ (``vpopcntd`` across 16 output channels)
-and other x86 (scalar 64-bit ``popcnt``, the weights read as memory operands).
+and other x86 (64-bit words, four output channels unrolled; LLVM's SLP vectorizer turns their four
+popcounts into the AVX2 nibble-lookup popcount, ``vpshufb`` + ``vpsadbw``, 176 GMAC/s effective at
+A1W1 on this host's 256x14x14 layer).
 
 The register tile: ``kv`` weight vectors (``lanes`` output channels each) x ``yt`` x ``xt`` output
 positions. For each plane pair (i, j) the tile's popcount sums run over the window's taps and words from
