@@ -31,7 +31,7 @@ def effconv_convert_map(target, constants: dict) -> dict:
     An eval-mode batch norm that directly follows an effconv op is folded into the op's per-channel
     output scale and bias by the op's converter, which adds it to ``folded``; the batch norm then
     converts to its input."""
-    from .ops import dsconv, dsq
+    from .ops import dsconv, dsq, lccl, varg
 
     folded: set = set()
 
@@ -43,6 +43,8 @@ def effconv_convert_map(target, constants: dict) -> dict:
     return {
         dsconv.OP_NAME: dsconv.converter(target, constants, folded),
         dsq.OP_NAME: dsq.converter(target, constants, folded),
+        varg.OP_NAME: varg.converter(target, constants, folded),  # grouped convs, 8/16/32 channels per group
+        lccl.OP_NAME: lccl.converter(target, constants, folded),
         BATCH_NORM_OP: batch_norm,
     }
 
