@@ -1,5 +1,6 @@
-"""Benchmark the VarG grouped 3x3 conv kernel on the host against PyTorch's grouped conv and against the
-depthwise + pointwise pair a MobileNet would use instead.
+"""Benchmark the VarG kernels on the host: the grouped 3x3 conv against PyTorch's grouped conv and against
+the depthwise + pointwise pair a MobileNet would use instead; the fused separable unit against the unfused
+pair and PyTorch.
 
 Shapes: every distinct variable group conv of the full VarGNet (``vargnet()``, 224 x 224, batch 1, width
 1.0, group_base 8), with how often it occurs, plus the issue's reference layer (256 channels, 14 x 14,
@@ -13,6 +14,15 @@ Shapes: every distinct variable group conv of the full VarGNet (``vargnet()``, 2
 - torch grouped: ``F.conv2d(x, w, groups=C / 8)`` (oneDNN / PyTorch's native grouped kernels);
 - torch dw+pw: ``F.conv2d`` depthwise 3x3 (C -> C, same stride) then pointwise 1x1 (C -> K): a
   separable layer of the same input and output shape (fewer MACs: its GMAC/s counts its own MACs).
+
+Separable units (group conv -> BN -> act -> pointwise -> BN (-> act)): every distinct unit of the full
+VarGNet, timed as
+
+- fused: ``VarGSeparable`` compiled for ``host``: the fused kernel (intermediate kept in cache per tile);
+- unfused: the same with fusion switched off (``forced_fusion(False)``): our grouped kernel, then TVM's
+  pointwise conv (the project's default CPU schedule), each with its BN folded and act fused;
+- torch: PyTorch eager with both batch norms folded into the convs (grouped conv + bias, act, 1x1 conv
+  + bias, act), what a PyTorch deployment runs.
 
 Measurements of one layer are interleaved (one repeat of each in turn, see bench/common.py) so that the
 noise of a shared machine falls on all alike; the median over repeats is the headline, the fastest
@@ -66,6 +76,8 @@ from torch import nn
 from tvm import relax
 
 from tvm_effconv.models.vargnet import vargnet, vargnet_conv_shapes
+from tvm_effconv.nn.varg import VarGSeparable
+from tvm_effconv.ops import varg
 from tvm_effconv.ops.varg import compute
 from tvm_effconv.targets import get_preset
 
@@ -148,6 +160,107 @@ def bench_shape(row, preset, dev, args):
     }
 
 
+def unit_shapes():
+    """Distinct separable units of VarGNet (in, size, mid, out, stride, act after the pointwise conv) with
+    their counts."""
+    model, (x,) = vargnet()
+    counts = {}
+    for d in vargnet_conv_shapes(model, x):
+        unit = model.get_submodule(d["name"].rpartition(".")[0])
+        key = (d["in_channels"], d["height"], d["out_channels"], unit.pointwise.out_channels, d["stride"][0],
+               not isinstance(unit.pointwise_act, nn.Identity))
+        counts[key] = counts.get(key, 0) + 1
+    return [{"in_channels": c, "height": h, "mid_channels": m, "out_channels": k, "stride": s, "pointwise_act": a,
+             "count": n} for (c, h, m, k, s, a), n in sorted(counts.items(), key=lambda item: (-item[0][1], item[0]))]
+
+
+def randomized_unit(row):
+    torch.manual_seed(row["in_channels"] + row["height"])
+    unit = VarGSeparable(row["in_channels"], row["out_channels"], stride=row["stride"],
+                         factor=row["mid_channels"] // row["in_channels"], pointwise_activation=row["pointwise_act"])
+    with torch.no_grad():
+        for bn in (unit.group_bn, unit.pointwise_bn):
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+        for act in unit.modules():
+            if isinstance(act, nn.PReLU):
+                act.weight.uniform_(0.05, 0.45)
+    return unit.eval()
+
+
+def folded_torch_unit(unit):
+    """The unit as PyTorch eager with its batch norms folded into the convs."""
+
+    def fold(conv, bn):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return (conv.weight * scale.view(-1, 1, 1, 1)).detach(), (bn.bias - bn.running_mean * scale).detach()
+
+    (w1, b1), (w2, b2) = fold(unit.group_conv, unit.group_bn), fold(unit.pointwise, unit.pointwise_bn)
+    conv, act1, act2 = unit.group_conv, unit.group_act, unit.pointwise_act
+
+    def run(x):
+        y = act1(F.conv2d(x, w1, b1, conv.stride, conv.padding, 1, conv.groups))
+        return act2(F.conv2d(y, w2, b2))
+
+    return run
+
+
+def bench_unit(row, preset, dev, args):
+    unit = randomized_unit(row)
+    x = torch.randn(1, row["in_channels"], row["height"], row["height"])
+    with torch.no_grad():
+        reference = unit(x).numpy()
+    data = tvm.runtime.tensor(x.numpy())
+    vms, errors, rules = {}, {}, {}
+    for key, fused in (("fused", True), ("unfused", False)):
+        with varg.forced_fusion(fused):
+            executable, report, _ = compile_ours(unit, x, preset)
+        rules[key] = sorted({v["rule"] for v in report.kernel_variants})
+        vms[key] = relax.VirtualMachine(executable, dev)
+        got = vms[key]["main"](data).numpy()
+        errors[key] = float(np.abs(got - reference).max() / np.abs(reference).max())
+    assert rules["fused"] == [compute.SEPARABLE_RULE] and rules["unfused"] == [compute.SCHEDULE_RULE], rules
+
+    def tvm_timer(vm):
+        return lambda number: vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=0)
+
+    torch_unit = folded_torch_unit(unit)
+    measurements = {key: Timed(tvm_timer=tvm_timer(vm), tvm_args=(data,)) for key, vm in vms.items()}
+    measurements["torch"] = Timed(lambda: torch_unit(x))
+    with torch.inference_mode():
+        measure(measurements, args.repeat, args.repeat_ms / 1e3)
+    out = (row["height"] - 1) // row["stride"] + 1
+    macs = out * out * row["mid_channels"] * (unit.group_conv.group_base * 9 + row["out_channels"])
+    return {
+        **row, "out_size": out, "macs": macs,
+        "ms": {key: t.median_ms() for key, t in measurements.items()},
+        "best_ms": {key: min(t.results) * 1e3 for key, t in measurements.items()},
+        "max_rel_error": max(errors.values()), "max_rel_error_by_kernel": errors, "tolerance": TOLERANCE,
+        "repeats_s": {key: t.results for key, t in measurements.items()},
+    }
+
+
+UNIT_PEERS = ("unfused", "torch")
+
+
+def unit_table(rows, statistic):
+    head = ("| unit (in -> mid -> out, size, stride, act) | x in net | fused ms | unfused ms | torch ms | fused GMAC/s "
+            "| unfused / fused | torch / fused | check |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        t = r[statistic]
+        name = (f"{r['in_channels']} -> {r['mid_channels']} -> {r['out_channels']}, {r['height']}x{r['height']}, "
+                f"s{r['stride']}{', act' if r['pointwise_act'] else ''}")
+        check = "ok" if r["max_rel_error"] <= TOLERANCE else f"FAIL {r['max_rel_error']:.1e}"
+        lines.append(
+            f"| {name} | {r['count']} | {t['fused']:.3f} | {t['unfused']:.3f} | {t['torch']:.3f} "
+            f"| {r['macs'] / t['fused'] / 1e6:.1f} | {t['unfused'] / t['fused']:.2f} | {t['torch'] / t['fused']:.2f} "
+            f"| {check} |"
+        )
+    return lines
+
+
 def cpu_mhz() -> float:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("cpu MHz"):
@@ -198,10 +311,21 @@ def main(args):
         print(f"{r['in_channels']}->{r['out_channels']} {r['height']} s{r['stride']}: ours {r['ms']['ours']:.3f} ms "
               f"({r['macs'] / r['ms']['ours'] / 1e6:.1f} GMAC/s), tvm default {r['ms']['tvm_default']:.3f} ms, grouped {r['ms']['torch_grouped']:.3f} ms, "
               f"dw+pw {r['ms']['torch_dw_pw']:.3f} ms, err {r['max_rel_error']:.1e}", flush=True)
+    units = unit_shapes()[:3] if args.quick else unit_shapes()
+    unit_rows = []
+    for row in units:
+        unit_rows.append(bench_unit(row, preset, dev, args))
+        r = unit_rows[-1]
+        print(f"unit {r['in_channels']}->{r['mid_channels']}->{r['out_channels']} {r['height']} s{r['stride']}: "
+              + ", ".join(f"{key} {ms:.3f} ms" for key, ms in r["ms"].items()) + f", err {r['max_rel_error']:.1e}",
+              flush=True)
     info["loadavg_end"], info["seconds"] = os.getloadavg(), time.perf_counter() - start
     summary = {peer: geomean([r["ms"][peer] / r["ms"]["ours"] for r in rows]) for peer in PEERS}
     weighted = {peer: sum(r["ms"][peer] * r["count"] for r in rows) / sum(r["ms"]["ours"] * r["count"] for r in rows)
                 for peer in PEERS}
+    unit_summary = {peer: geomean([r["ms"][peer] / r["ms"]["fused"] for r in unit_rows]) for peer in UNIT_PEERS}
+    unit_weighted = {peer: sum(r["ms"][peer] * r["count"] for r in unit_rows)
+                     / sum(r["ms"]["fused"] * r["count"] for r in unit_rows) for peer in UNIT_PEERS}
     lines = [
         "# VarG grouped 3x3 conv on the host",
         "",
@@ -232,11 +356,31 @@ def main(args):
          + ". Weighted by the layers' counts in VarGNet (sum of times): "
          + ", ".join(f"{peer} {value:.2f}x" for peer, value in weighted.items()) + "."),
         "",
+        "# VarG separable unit, fused against unfused",
+        "",
+        ("fused: the fused kernel (`VarGSeparable` compiled for `host`, no tuning records); unfused: our grouped "
+         "kernel, then TVM's pointwise conv (project default schedule); torch: PyTorch eager with the batch norms "
+         "folded. GMAC/s counts both convs' MACs. X / fused > 1: fused faster."),
+        "",
+        "## Median of the repeats",
+        "",
+        *unit_table(unit_rows, "ms"),
+        "",
+        "## Fastest repeat",
+        "",
+        *unit_table(unit_rows, "best_ms"),
+        "",
+        ("Geometric mean over the units, their time / fused: "
+         + ", ".join(f"{peer} {value:.2f}x" for peer, value in unit_summary.items())
+         + ". Weighted by the units' counts in VarGNet: "
+         + ", ".join(f"{peer} {value:.2f}x" for peer, value in unit_weighted.items()) + "."),
+        "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines))
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"machine": info, "summary_geomean": summary, "summary_weighted": weighted, "layers": rows}, indent=1))
+        {"machine": info, "summary_geomean": summary, "summary_weighted": weighted, "layers": rows,
+         "units_geomean": unit_summary, "units_weighted": unit_weighted, "units": unit_rows}, indent=1))
     print("\n".join(lines))
 
 

@@ -21,6 +21,7 @@ from tvm_effconv.nn.varg import (
     VarGDownsampleBlock,
     VarGNormalBlock,
     VarGSeparable,
+    standard_layers,
 )
 
 
@@ -228,11 +229,24 @@ def test_invalid_parameters_fail_early_with_clear_errors(make, parameter, named,
     assert isinstance(info.value, EffconvError) and isinstance(info.value, ValueError)
 
 
-def test_small_vargnet_exports_as_standard_grouped_convolutions():
+def test_small_vargnet_exports_each_unit_as_one_op():
+    model, inputs = vargnet_small()
+    exported = torch.export.export(model, inputs).run_decompositions()
+    targets = Counter(str(node.target) for node in exported.graph.nodes if node.op == "call_function")
+    units = [module for module in model.modules() if isinstance(module, VarGSeparable)]
+    assert targets["effconv.varg_separable.default"] == len(units) == 3 + 3 * (4 + 2)
+    grouped = [node for node in exported.graph.nodes
+               if node.target == torch.ops.aten.convolution.default and node.args[8] > 1]
+    assert grouped == []  # every VarG conv is inside a unit
+    torch.testing.assert_close(exported.module()(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_small_vargnet_exports_as_standard_grouped_convolutions_with_standard_layers():
     model, inputs = vargnet_small()
     expected_logits = model(*inputs)
     assert expected_logits.shape == (1, 10) and torch.isfinite(expected_logits).all()
-    exported = torch.export.export(model, inputs).run_decompositions()
+    with standard_layers(model):
+        exported = torch.export.export(model, inputs).run_decompositions()
     calls = [node for node in exported.graph.nodes if node.op == "call_function"]
     targets = {str(node.target) for node in calls}
     assert not any("effconv" in target for target in targets)

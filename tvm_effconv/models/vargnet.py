@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..nn.dsconv import _check
-from ..nn.varg import VarGConv2d, VarGDownsampleBlock, VarGNormalBlock, make_activation
+from ..nn.varg import VarGConv2d, VarGDownsampleBlock, VarGNormalBlock, make_activation, standard_layers
 from .examples import _randomize_batch_norm
 
 STEM_CHANNELS = 32
@@ -139,7 +139,7 @@ def vargnet_conv_shapes(model: nn.Module, example_input: torch.Tensor) -> list[d
     training_modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), standard_layers(model):  # the units' convs run as modules, so their hooks fire
             model(example_input)
     finally:
         for handle in handles:

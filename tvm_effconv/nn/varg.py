@@ -16,14 +16,21 @@ The building blocks, as in the paper and its authors' VarGFaceNet code:
 - :class:`VarGDownsampleBlock` (stride 2): two parallel units (without act) from the input, summed ->
   act -> unit (without act) -> add a stride-2 unit shortcut (without act) -> act.
 
-Activations are per-channel PReLU as in the paper, or ReLU. VarG needs no custom op: the layers are
-standard grouped convs, batch norms, PReLU/ReLU, adds (and mean/sigmoid/mul in the optional SE), and
-``torch.export`` keeps them as ``aten.convolution`` with ``groups = C / group_base`` etc.
+Activations are per-channel PReLU as in the paper, or ReLU. In eval mode a separable unit runs as one
+custom op, ``torch.ops.effconv.varg_separable`` (its eager implementation below is the reference), so
+that ``torch.export`` keeps the unit as one node and the compiler can run it as one fused kernel; in
+training mode (and inside :func:`standard_layers`) it runs as its standard layers. Everything else is
+standard: a VarGConv2d exports as ``aten.convolution`` with ``groups = C / group_base``, the blocks' adds,
+activations and the optional SE as aten ops.
 """
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..geometry import conv2d_output_size
 from .dsconv import _check, _pair
 
 __all__ = [
@@ -34,6 +41,8 @@ __all__ = [
     "VarGNormalBlock",
     "VarGSeparable",
     "make_activation",
+    "standard_layers",
+    "varg_separable",
 ]
 
 ACTIVATIONS = ("prelu", "relu")
@@ -88,9 +97,73 @@ def make_activation(activation: str, channels: int) -> nn.Module:
     return nn.PReLU(channels) if activation == "prelu" else nn.ReLU()
 
 
+UNIT_ACTIVATIONS = ("prelu", "relu", "none")
+
+
+def _activate(y: torch.Tensor, kind: str, slope: torch.Tensor | None) -> torch.Tensor:
+    _check(kind in UNIT_ACTIVATIONS, "varg_separable", "activation", kind, f"one of {UNIT_ACTIVATIONS}")
+    _check((kind == "prelu") == (slope is not None), "varg_separable", "slope", "given" if slope is not None else None,
+           "given exactly when the activation is prelu")
+    if kind == "prelu":
+        return torch.where(y > 0, y, y * slope.view(1, -1, 1, 1))
+    return torch.relu(y) if kind == "relu" else y
+
+
+@torch.library.custom_op("effconv::varg_separable", mutates_args=())
+def varg_separable(
+    x: torch.Tensor,
+    group_weight: torch.Tensor,
+    group_bn_weight: torch.Tensor,
+    group_bn_bias: torch.Tensor,
+    group_bn_mean: torch.Tensor,
+    group_bn_var: torch.Tensor,
+    group_slope: torch.Tensor | None,
+    pointwise_weight: torch.Tensor,
+    pointwise_bn_weight: torch.Tensor,
+    pointwise_bn_bias: torch.Tensor,
+    pointwise_bn_mean: torch.Tensor,
+    pointwise_bn_var: torch.Tensor,
+    pointwise_slope: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    eps: list[float],
+    group_activation: str,
+    pointwise_activation: str,
+) -> torch.Tensor:
+    """The separable unit in eval mode, the reference (float64 inside, float32 out): grouped conv
+    (``groups``, ``stride``, ``padding``) -> batch norm (running statistics, ``eps[0]``) -> activation
+    (``group_activation``: "prelu" with per-channel ``group_slope``, "relu" or "none") -> pointwise conv
+    -> batch norm (``eps[1]``) -> ``pointwise_activation``."""
+
+    def bn(y, weight, bias, mean, var, epsilon):
+        return F.batch_norm(y, mean.double(), var.double(), weight.double(), bias.double(), False, 0.0, epsilon)
+
+    def slope(value):
+        return None if value is None else value.double()
+
+    y = F.conv2d(x.double(), group_weight.double(), None, stride, padding, 1, groups)
+    y = _activate(bn(y, group_bn_weight, group_bn_bias, group_bn_mean, group_bn_var, eps[0]), group_activation,
+                  slope(group_slope))
+    y = bn(F.conv2d(y, pointwise_weight.double()), pointwise_bn_weight, pointwise_bn_bias, pointwise_bn_mean,
+           pointwise_bn_var, eps[1])
+    return _activate(y, pointwise_activation, slope(pointwise_slope)).float()
+
+
+@varg_separable.register_fake
+def _varg_separable_fake(x, group_weight, *args):
+    stride, padding = args[11], args[12]
+    out_size = conv2d_output_size(x.shape[2:], group_weight.shape[2:], stride, padding, (1, 1))
+    return x.new_empty(x.shape[0], args[5].shape[0], *out_size)
+
+
 class VarGSeparable(nn.Module):
     """The separable unit: variable group conv (C -> factor * C, stride) -> BN -> act -> pointwise 1 x 1
-    (-> out_channels) -> BN, then act if ``pointwise_activation``."""
+    (-> out_channels) -> BN, then act if ``pointwise_activation``.
+
+    In eval mode it calls :func:`varg_separable` (one op for export) unless ``single_op`` is False."""
+
+    single_op = True
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size=3, stride=1, factor: int = 2, group_base: int = 8,
@@ -107,8 +180,36 @@ class VarGSeparable(nn.Module):
         self.pointwise_act = make_activation(activation, out_channels) if pointwise_activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.group_act(self.group_bn(self.group_conv(x)))
-        return self.pointwise_act(self.pointwise_bn(self.pointwise(y)))
+        if self.training or not self.single_op:
+            y = self.group_act(self.group_bn(self.group_conv(x)))
+            return self.pointwise_act(self.pointwise_bn(self.pointwise(y)))
+        conv, acts = self.group_conv, (self.group_act, self.pointwise_act)
+        kinds = [_activation_kind(act) for act in acts]
+        slopes = [act.weight if kind == "prelu" else None for act, kind in zip(acts, kinds)]
+        g, p = self.group_bn, self.pointwise_bn
+        return varg_separable(
+            x, conv.weight, g.weight, g.bias, g.running_mean, g.running_var, slopes[0],
+            self.pointwise.weight, p.weight, p.bias, p.running_mean, p.running_var, slopes[1],
+            list(conv.stride), list(conv.padding), conv.groups, [g.eps, p.eps], kinds[0], kinds[1],
+        )
+
+
+def _activation_kind(module: nn.Module) -> str:
+    return {nn.PReLU: "prelu", nn.ReLU: "relu", nn.Identity: "none"}[type(module)]
+
+
+@contextlib.contextmanager
+def standard_layers(model: nn.Module):
+    """Within the block, the separable units of ``model`` run (and export) as their standard layers, not as
+    one op: for forward hooks on their convs, or an export without effconv ops."""
+    units = {module: module.single_op for module in model.modules() if isinstance(module, VarGSeparable)}
+    try:
+        for unit in units:
+            unit.single_op = False
+        yield model
+    finally:
+        for unit, single_op in units.items():
+            unit.single_op = single_op
 
 
 class SqueezeExcitation(nn.Module):

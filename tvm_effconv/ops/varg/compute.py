@@ -1,4 +1,5 @@
-"""The VarG grouped convolution (fixed input channels per group) as TE compute, float32.
+"""The VarG grouped convolution (fixed input channels per group) and the fused separable unit as TE
+compute, float32.
 
 A variable group conv has ``groups = C / group_base`` groups of ``group_base`` (8, 16, 32) input
 channels and ``group_out`` (group_base * factor, factor 1 or 2) output channels each: a batch of
@@ -15,6 +16,12 @@ channels and ``group_out`` (group_base * factor, factor 1 or 2) output channels 
   SIMD register per position and weight vector); ``varg_out`` writes it NCHW, adding the bias (a folded
   batch norm's shift, the conv's bias). FuseOps appends the activation (PReLU, ReLU) and residual adds,
   which the schedules inline into ``varg_out``, computed per register tile.
+
+The separable unit (:func:`varg_separable`) continues the same grouped accumulation with ``varg_mid``
+(bias and activation, NHWC: the intermediate), the pointwise conv ``varg_pointwise`` (NHWC, output
+channels in vectors of ``out_lanes``, reducing over the intermediate's channels) and ``varg_out``
+(bias, activation, NCHW). Its schedules compute the intermediate per spatial tile into a small buffer
+(cache or shared memory) and run the pointwise conv on it straight away.
 """
 
 from dataclasses import dataclass
@@ -29,6 +36,12 @@ PAD_BLOCK = "varg_pad"
 OUT_BLOCK = "varg_out"
 LANES_ANNOTATION = "varg_lanes"
 GROUPS_ANNOTATION = "varg_groups"
+# The fused separable unit (:func:`varg_separable`).
+SEPARABLE_RULE = "effconv_varg_separable"
+MID_BLOCK = "varg_mid"
+POINTWISE_BLOCK = "varg_pointwise"
+OUT_LANES_ANNOTATION = "varg_out_lanes"
+ACTIVATIONS = ("prelu", "relu", "none")
 
 GROUP_BASES = (8, 16, 32)
 
@@ -104,23 +117,28 @@ def _clamp(index, extent: int):
     return tirx.min(tirx.max(index, 0), extent - 1)
 
 
-def varg_conv2d(shape: VarGShape, x, weights, bias=None, annotations=None):
-    """The grouped conv of ``x`` (float32 NCHW) with packed ``weights`` (placeholder of
-    :func:`pack_weights`' array) and an optional per-channel ``bias`` [K]. Returns float32 NCHW."""
+def _pad(shape: VarGShape, x):
+    """The zero-padded input (float32 NCHW), a stage of its own: the schedules inline the fused
+    elementwise producers of ``x`` into it and keep the padding test out of the multiply-adds."""
     from tvm import te, tirx
 
     s = shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
-    oh, ow = s.out_size
-    hp, wp = s.padded_size
+    ph, pw = s.padding
 
     def pad(n, c, h, w):
         inside = tirx.all(h >= ph, h < s.height + ph, w >= pw, w < s.width + pw)
         value = x[n, c, _clamp(h - ph, s.height), _clamp(w - pw, s.width)]
         return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
 
-    padded = te.compute((s.batch, s.in_channels, hp, wp), pad, name=PAD_BLOCK)
+    return te.compute((s.batch, s.in_channels, *s.padded_size), pad, name=PAD_BLOCK)
 
+
+def _grouped_accumulate(shape: VarGShape, padded, weights, attrs: dict):
+    """``varg_conv``: the grouped conv accumulated NHWC, (n, y, x, k), reducing over (c, r, s)."""
+    from tvm import te
+
+    s = shape
+    (kh, kw), (sh, sw), (dh, dw) = s.kernel, s.stride, s.dilation
     rc = te.reduce_axis((0, s.group_in), name="rc")
     rr = te.reduce_axis((0, kh), name="rr")
     rs = te.reduce_axis((0, kw), name="rs")
@@ -132,15 +150,101 @@ def varg_conv2d(shape: VarGShape, x, weights, bias=None, annotations=None):
             axis=[rc, rr, rs],
         )
 
-    acc = te.compute(
-        (s.batch, oh, ow, s.out_channels),
-        conv,
-        name=CONV_BLOCK,
-        attrs={"schedule_rule": SCHEDULE_RULE, LANES_ANNOTATION: s.lanes, GROUPS_ANNOTATION: s.groups,
-               **(annotations or {})},
-    )
+    attrs = {LANES_ANNOTATION: s.lanes, GROUPS_ANNOTATION: s.groups, **attrs}
+    return te.compute((s.batch, *s.out_size, s.out_channels), conv, name=CONV_BLOCK, attrs=attrs)
+
+
+def varg_conv2d(shape: VarGShape, x, weights, bias=None, annotations=None):
+    """The grouped conv of ``x`` (float32 NCHW) with packed ``weights`` (placeholder of
+    :func:`pack_weights`' array) and an optional per-channel ``bias`` [K]. Returns float32 NCHW."""
+    from tvm import te
+
+    s = shape
+    acc = _grouped_accumulate(shape, _pad(shape, x), weights, {"schedule_rule": SCHEDULE_RULE, **(annotations or {})})
 
     def out(n, k, y, xx):
         return acc[n, y, xx, k] if bias is None else acc[n, y, xx, k] + bias[k]
 
-    return te.compute((s.batch, s.out_channels, oh, ow), out, name=OUT_BLOCK)
+    return te.compute((s.batch, s.out_channels, *s.out_size), out, name=OUT_BLOCK)
+
+
+def activation(kind: str, value, slope=None, channel=None):
+    """``kind`` of ACTIVATIONS applied to ``value`` (TE expression) of ``channel``: PReLU with the
+    per-channel ``slope`` placeholder, ReLU, or none."""
+    from tvm import tirx
+
+    if kind == "prelu":
+        return tirx.Select(value > 0, value, value * slope[channel])
+    if kind == "relu":
+        return tirx.max(value, tirx.const(0.0, "float32"))
+    if kind == "none":
+        return value
+    raise ValueError(f"activation={kind!r} is not allowed; activation must be one of {ACTIVATIONS}")
+
+
+@dataclass(frozen=True)
+class SeparableShape:
+    """The separable unit: the grouped conv ``conv`` (C -> M) and the pointwise conv M -> ``out_channels``,
+    its output channels in vectors of ``out_lanes``."""
+
+    conv: VarGShape
+    out_channels: int
+    out_lanes: int
+
+    def __post_init__(self):
+        if self.out_channels % self.out_lanes:
+            raise ValueError(f"out_lanes={self.out_lanes} must divide out_channels={self.out_channels}")
+
+    @property
+    def mid_channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def macs(self) -> int:
+        oh, ow = self.conv.out_size
+        return self.conv.macs + self.conv.batch * oh * ow * self.mid_channels * self.out_channels
+
+
+def pack_pointwise_weights(shape: SeparableShape, weight: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Numpy, at compile time: the pointwise weight (K, M, 1, 1), times a per-output-channel ``scale``
+    if given, as float32 ``[K / out_lanes, M, out_lanes]``."""
+    w = weight.reshape(shape.out_channels, shape.mid_channels).astype(np.float64)
+    if scale is not None:
+        w = w * np.asarray(scale, np.float64)[:, None]
+    w = w.astype(np.float32).reshape(shape.out_channels // shape.out_lanes, shape.out_lanes, shape.mid_channels)
+    return np.ascontiguousarray(w.transpose(0, 2, 1))
+
+
+def varg_separable(
+    shape: SeparableShape, x, group_weights, group_bias, pointwise_weights, pointwise_bias,
+    group_activation: str, pointwise_activation: str, group_slope=None, pointwise_slope=None, annotations=None,
+):
+    """The fused separable unit on ``x`` (float32 NCHW): the grouped conv (packed ``group_weights``, batch
+    norm folded: ``group_bias``) accumulated NHWC (``varg_conv``), its activation applied as it is stored
+    (``varg_mid``, the intermediate the schedules keep in cache per spatial tile), the pointwise conv over
+    the intermediate's channels (``varg_pointwise``, NHWC, packed ``pointwise_weights``
+    [K / out_lanes, M, out_lanes]) and the write-out with ``pointwise_bias`` and the last activation
+    (``varg_out``, NCHW). Returns float32 NCHW."""
+    from tvm import te
+
+    s, g = shape, shape.conv
+    oh, ow = g.out_size
+    acc = _grouped_accumulate(g, _pad(g, x), group_weights, {})
+    mid = te.compute(
+        acc.shape,
+        lambda n, y, xx, m: activation(group_activation, acc[n, y, xx, m] + group_bias[m], group_slope, m),
+        name=MID_BLOCK,
+    )
+    rm = te.reduce_axis((0, s.mid_channels), name="rm")
+    pointwise = te.compute(
+        (g.batch, oh, ow, s.out_channels),
+        lambda n, y, xx, k: te.sum(mid[n, y, xx, rm] * pointwise_weights[k // s.out_lanes, rm, k % s.out_lanes], axis=rm),
+        name=POINTWISE_BLOCK,
+        attrs={"schedule_rule": SEPARABLE_RULE, LANES_ANNOTATION: g.lanes, GROUPS_ANNOTATION: g.groups,
+               OUT_LANES_ANNOTATION: s.out_lanes, **(annotations or {})},
+    )
+    return te.compute(
+        (g.batch, s.out_channels, oh, ow),
+        lambda n, k, y, xx: activation(pointwise_activation, pointwise[n, y, xx, k] + pointwise_bias[k], pointwise_slope, k),
+        name=OUT_BLOCK,
+    )

@@ -15,6 +15,7 @@ from tvm.target import codegen
 
 from ...schedule_rules import (
     RegisterBudget,
+    divisors,
     inline_consumers,
     parallel_outer,
     register_rule,
@@ -24,9 +25,13 @@ from .compute import (
     CONV_BLOCK,
     GROUPS_ANNOTATION,
     LANES_ANNOTATION,
+    MID_BLOCK,
     OUT_BLOCK,
+    OUT_LANES_ANNOTATION,
     PAD_BLOCK,
+    POINTWISE_BLOCK,
     SCHEDULE_RULE,
+    SEPARABLE_RULE,
 )
 
 # (float32 lanes per SIMD register, SIMD registers)
@@ -111,41 +116,147 @@ def keep_loops(sch) -> None:
                 sch.annotate(loop, KEEP_ANNOTATION, 1)
 
 
+def extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def tile_grouped_conv(sch, conv, lanes: int, groups: int, tiles):
+    """Split and order the grouped conv's loops (the last seven of ``conv``: n, y, x, k, rc, rr, rs) into
+    (n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane): the register tile of ``kv`` weight vectors x
+    ``yt`` x ``xt`` positions innermost. ``tiles(kvec, y, x)`` gives the factors of the group's weight
+    vectors, the rows and the columns (outer, register tile). Returns the loops by name."""
+    n, y, x, k, rc, rr, rs = sch.get_loops(conv)[-7:]
+    group_vectors = extent(sch, k) // (groups * lanes)
+    g, kvec, lane = sch.split(k, [groups, group_vectors, lanes])
+    kv_factors, y_factors, x_factors = tiles(kvec, y, x)
+    kt, kv = sch.split(kvec, kv_factors)
+    yo, yt = sch.split(y, y_factors)
+    xo, xt = sch.split(x, x_factors)
+    sch.reorder(n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane)
+    return dict(n=n, g=g, kt=kt, yo=yo, xo=xo, rc=rc, rr=rr, rs=rs, yt=yt, xt=xt, kv=kv, lane=lane)
+
+
+def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector) -> None:
+    """``block``'s tile accumulates in registers (``local``) over the ``reduction`` loop, the ``unrolled``
+    tile loops and the ``vector`` loop (SIMD lanes); ``writeback`` (its consumer: bias, activation) runs
+    once per tile, at loop ``at``, its tile loops unrolled."""
+    sch.set_scope(block, 0, "local")
+    depth = 1 + [sch.get(loop).same_as(sch.get(at)) for loop in sch.get_loops(block)].index(True)
+    sch.reverse_compute_at(writeback, at, preserve_unit_loops=True)
+    for loop in sch.get_loops(writeback)[depth:]:
+        sch.unroll(loop)
+    sch.vectorize(vector)
+    for loop in unrolled:
+        sch.unroll(loop)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def prepare_input(sch) -> None:
+    """Inline the fused elementwise blocks, and pad the input in parallel over (n, c), rows vectorised."""
+    pad = sch.get_sblock(PAD_BLOCK)
+    inline_elementwise(sch, (PAD_BLOCK, CONV_BLOCK, MID_BLOCK, POINTWISE_BLOCK, OUT_BLOCK))
+    parallel_outer(sch, pad, 2)  # n, c
+    sch.vectorize(sch.get_loops(pad)[-1])
+
+
+def block_registers(sch, block) -> int:
+    return int(sch.get(block).annotations.get(REGISTERS_ANNOTATION, SIMD["avx2"][1]))
+
+
 @register_rule(SCHEDULE_RULE, ["cpu", "arm_cpu"])
 def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
     annotations = sch.get(conv).annotations
     lanes, groups = int(annotations[LANES_ANNOTATION]), int(annotations[GROUPS_ANNOTATION])
-    registers = int(annotations.get(REGISTERS_ANNOTATION, SIMD["avx2"][1]))
-    pad = sch.get_sblock(PAD_BLOCK)
+    prepare_input(sch)
 
-    inline_elementwise(sch, (PAD_BLOCK, CONV_BLOCK, OUT_BLOCK))
-    parallel_outer(sch, pad, 2)  # n, c
-    sch.vectorize(sch.get_loops(pad)[-1])
+    _, y, x, k, _, _, _ = sch.get_loops(conv)
+    group_vectors = extent(sch, k) // (groups * lanes)
+    height, width = extent(sch, y), extent(sch, x)
+    kv0, yt0, xt0 = default_tile(group_vectors, height, width, block_registers(sch, conv))
 
-    n, y, x, k, rc, rr, rs = sch.get_loops(conv)
-    group_vectors = int(sch.get(k).extent) // (groups * lanes)
-    g, kvec, lane = sch.split(k, [groups, group_vectors, lanes])
-    height, width = (int(sch.get(loop).extent) for loop in (y, x))
-    kv0, yt0, xt0 = default_tile(group_vectors, height, width, registers)
-    kt, kv = sch.split(kvec, knobs.tile(kvec, 2, [group_vectors // kv0, kv0], max_innermost=8))
-    yo, yt = sch.split(y, knobs.tile(y, 2, [height // yt0, yt0], max_innermost=4))
-    xo, xt = sch.split(x, knobs.tile(x, 2, [width // xt0, xt0], max_innermost=16))
-    sch.reorder(n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane)
-    sch.parallel(sch.fuse(n, g, kt, yo))
+    def tiles(kvec, y, x):
+        return (knobs.tile(kvec, 2, [group_vectors // kv0, kv0], max_innermost=8),
+                knobs.tile(y, 2, [height // yt0, yt0], max_innermost=4),
+                knobs.tile(x, 2, [width // xt0, xt0], max_innermost=16))
+
+    loops = tile_grouped_conv(sch, conv, lanes, groups, tiles)
+    sch.parallel(sch.fuse(*(loops[name] for name in ("n", "g", "kt", "yo"))))
 
     # the register tile, channels innermost: one SIMD register per (position, weight vector)
-    sch.set_scope(conv, 0, "local")
     writeback = sch.get_sblock(OUT_BLOCK)
     inline_consumers(sch, writeback)
-    sch.reverse_compute_at(writeback, xo, preserve_unit_loops=True)
-    for loop in sch.get_loops(writeback)[2:]:  # the tile's channels, rows, columns: registers
-        sch.unroll(loop)
+    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"],
+                            [loops[name] for name in ("rr", "rs", "yt", "xt", "kv")], loops["lane"])
     for consumer in sch.get_consumers(writeback):  # blocks that could not be inlined
         parallel_outer(sch, consumer, 2)
+    keep_loops(sch)
 
-    sch.vectorize(lane)
-    for loop in (rr, rs, yt, xt, kv):
-        sch.unroll(loop)
-    init = sch.decompose_reduction(conv, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
+
+# Bytes of the separable unit's intermediate per spatial tile without a tuning record: a tile of
+# ``varg_mid`` this size stays in L1/L2 between the grouped conv that writes it and the pointwise conv.
+CACHE_TILE_BYTES = 64 * 1024
+
+
+def default_separable_tile(group_vectors: int, out_vectors: int, height: int, width: int, mid_channels: int,
+                           registers: int) -> dict:
+    """The separable kernel's tiles without a tuning record: the grouped conv's register tile (kv, yt, xt)
+    as :func:`default_tile` picks it, the pointwise conv's weight vectors per tile (the most that fit
+    beside the same yt x xt positions), and the cache tile: whole rows (every column), as many as keep the
+    intermediate within CACHE_TILE_BYTES."""
+    budget = tile_budget(registers)
+    kv, yt, xt = default_tile(group_vectors, height, width, registers)
+    out_kv = max((d for d in divisors(out_vectors) if d <= 8 and budget.fits(d, yt, xt)), default=1)
+    rows = max(d for d in divisors(height // yt) if d == 1 or d * yt * width * mid_channels * 4 <= CACHE_TILE_BYTES)
+    return {
+        "kv": [group_vectors // kv, kv],
+        "out_kv": [out_vectors // out_kv, out_kv],
+        "y": [height // (rows * yt), rows, yt],
+        "x": [1, width // xt, xt],
+    }
+
+
+@register_rule(SEPARABLE_RULE, ["cpu", "arm_cpu"])
+def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default"):
+    """The fused separable unit: per spatial (cache) tile, in parallel, the grouped conv writes the tile's
+    intermediate for all channels (register tiles of kv vectors x yt x xt positions, activation applied
+    as they are stored), then the pointwise conv reads it back from cache (register tiles of out_kv
+    vectors x the same yt x xt positions) and writes the output with its bias and activation.
+
+    Knobs: the grouped conv's and the pointwise conv's weight vectors per register tile, and the rows and
+    columns split three ways (cache tiles, register tiles per cache tile, register tile)."""
+    annotations = sch.get(pointwise).annotations
+    lanes, groups = int(annotations[LANES_ANNOTATION]), int(annotations[GROUPS_ANNOTATION])
+    out_lanes = int(annotations[OUT_LANES_ANNOTATION])
+    conv, mid, writeback = (sch.get_sblock(name) for name in (CONV_BLOCK, MID_BLOCK, OUT_BLOCK))
+    prepare_input(sch)
+
+    n, y, x, k, rm = sch.get_loops(pointwise)
+    group_vectors = extent(sch, sch.get_loops(conv)[3]) // (groups * lanes)
+    out_vectors, height, width, mid_channels = extent(sch, k) // out_lanes, extent(sch, y), extent(sch, x), extent(sch, rm)
+    defaults = default_separable_tile(group_vectors, out_vectors, height, width, mid_channels, block_registers(sch, pointwise))
+    y_factors = knobs.tile(y, 3, defaults["y"], max_innermost=4)
+    x_factors = knobs.tile(x, 3, defaults["x"], max_innermost=16)
+    yo, yi, yt = sch.split(y, y_factors)
+    xo, xi, xt = sch.split(x, x_factors)
+    kvec, lane = sch.split(k, [out_vectors, out_lanes])
+    kt, kv = sch.split(kvec, knobs.tile(kvec, 2, defaults["out_kv"], max_innermost=8))
+    # weight vectors outside the positions: a slice of the pointwise weights stays in L1 over the cache tile
+    sch.reorder(n, yo, xo, kt, yi, xi, rm, yt, xt, kv, lane)
+    tile = sch.fuse(n, yo, xo)
+    sch.parallel(tile)
+    inline_consumers(sch, writeback)
+    accumulate_in_registers(sch, pointwise, writeback, xi, rm, [yt, xt, kv], lane)
+
+    # the cache tile's intermediate, all its channels, written by the grouped conv's register tiles
+    sch.compute_at(mid, tile, preserve_unit_loops=True)
+    sch.compute_at(conv, tile, preserve_unit_loops=True)
+    def tiles(kvec, y, x):  # the register tile's positions are the pointwise conv's
+        return knobs.tile(kvec, 2, defaults["kv"], max_innermost=8), [None, y_factors[2]], [None, x_factors[2]]
+
+    loops = tile_grouped_conv(sch, conv, lanes, groups, tiles)
+    accumulate_in_registers(sch, conv, mid, loops["xo"], loops["rc"],
+                            [loops[name] for name in ("rr", "rs", "yt", "xt", "kv")], loops["lane"])
+    # the intermediate is channels-last: its store is vectorised along the tile's channels
+    sch.vectorize(sch.get_loops(mid)[-1])
     keep_loops(sch)

@@ -24,3 +24,27 @@ def grouped_conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation
     if bias is not None:
         out += np.asarray(bias, np.float64)[None, :, None, None]
     return out
+
+
+def activation(kind: str, y, slope=None):
+    """PReLU with per-channel ``slope`` (axis 1), ReLU or none, in float64."""
+    if kind == "prelu":
+        return np.where(y > 0, y, y * np.asarray(slope, np.float64)[None, :, None, None])
+    return np.maximum(y, 0) if kind == "relu" else y
+
+
+def separable_unit(
+    x, group_weight, group_scale, group_shift, pointwise_weight, pointwise_scale, pointwise_shift, stride, padding,
+    groups: int, group_activation: str, pointwise_activation: str, group_slope=None, pointwise_slope=None,
+):
+    """The separable unit, float64: act(scale * grouped_conv(x) + shift) per channel, then
+    act(scale * pointwise(.) + shift) with ``pointwise_weight`` (K, M, 1, 1); the scales and shifts are
+    batch norms (or 1 and a bias)."""
+
+    def affine(y, scale, shift):
+        return y * np.asarray(scale, np.float64)[None, :, None, None] + np.asarray(shift, np.float64)[None, :, None, None]
+
+    mid = grouped_conv2d(x, group_weight, None, stride, padding, (1, 1), groups)
+    mid = activation(group_activation, affine(mid, group_scale, group_shift), group_slope)
+    out = np.einsum("km,nmpq->nkpq", pointwise_weight.reshape(pointwise_weight.shape[:2]).astype(np.float64), mid)
+    return activation(pointwise_activation, affine(out, pointwise_scale, pointwise_shift), pointwise_slope)
