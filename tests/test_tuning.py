@@ -12,8 +12,8 @@ from tvm_effconv.device import emulator
 from tvm_effconv.errors import EffconvError
 from tvm_effconv.schedule_rules import RULES, apply_default_rules, register_rule
 from tvm_effconv.targets import get_preset
-from tvm_effconv.tune import prune, tune_model
-from tvm_effconv.tuning import RECORD_FILE, WORKLOAD_FILE, load_records
+from tvm_effconv.tune import merge_into_records, prune, record_default_schedules, tune_model
+from tvm_effconv.tuning import RECORD_FILE, UNMEASURED_SECONDS, WORKLOAD_FILE, load_records, mean_seconds
 
 TINY = f"{__name__}:tiny_conv"
 
@@ -90,11 +90,12 @@ def test_corrupt_lines_and_foreign_files_are_reported_and_skipped(tuned, tmp_pat
 
 def test_records_of_another_target_are_not_applied(tuned, tmp_path):
     folder = _copy(tuned[0], tmp_path)
-    lines = (folder / RECORD_FILE).read_text().splitlines()
-    # Pretend the records were tuned for a Cortex-A72: same workload, another target.
-    changed = [line.replace('"kind": "llvm"', '"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"', 1)
-               if '"mtriple"' not in line else line for line in lines]
-    (folder / RECORD_FILE).write_text("\n".join(changed) + "\n")
+    # Pretend the records were tuned for a Cortex-A72: same workload, another target. A record line is
+    # [workload index, [trace, run times, target, argument info]].
+    records = [json.loads(line) for line in (folder / RECORD_FILE).read_text().splitlines()]
+    for _, (_, _, target, _) in records:
+        target.update({"mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    (folder / RECORD_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
     found = load_records(folder, get_preset("host").target)
     assert found.database is None
     assert any("another target" in p for p in found.problems)
@@ -137,6 +138,47 @@ def test_tuning_through_a_tracker_on_the_emulated_device(rpc_tracker, tmp_path):
 def test_tuning_an_arm_preset_needs_a_tracker():
     with pytest.raises(EffconvError, match="--rpc-tracker"):
         tune_model(TINY, "arm-a72", trials=1, log=quiet)
+
+
+def test_tuning_cuda_without_a_gpu_names_the_ways_out():
+    if __import__("tvm").cuda(0).exist:
+        pytest.skip("this machine has a GPU: tuning for cuda measures on it")
+    with pytest.raises(EffconvError, match="--builder-only"):
+        tune_model(TINY, "cuda", trials=1, log=quiet)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA candidates cannot be built")
+def test_builder_only_records_apply_and_lose_to_measured_ones(tmp_path):
+    folder, lines = tmp_path / "cuda", []
+    report = record_default_schedules(TINY, "cuda", records=str(folder), log=lines.append)
+    assert report.tasks and all("builder-only" in t.note for t in report.tasks)
+    target = get_preset("cuda").target
+    found = load_records(folder, target)
+    assert found.records == found.unmeasured == len(report.tasks)
+
+    out = compile_model(TINY, "cuda", tmp_path / "a", records=str(folder), require_records=True, log=lines.append)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["records"]["missing"] == [] and manifest["records"]["applied"]
+    assert manifest["records"]["unmeasured"] == len(report.tasks)
+    assert any("builder-only" in line and "tune on a device" in line for line in lines)
+
+    # A measured record of the same workload (here: the same trace with a real time) replaces it on merge.
+    from tvm.s_tir import meta_schedule as ms
+
+    (record, *_) = found.database.get_all_tuning_records()
+    measured = ms.database.MemoryDatabase()
+    measured.commit_tuning_record(ms.database.TuningRecord(
+        record.trace, measured.commit_workload(record.workload.mod), [__import__("tvm").tirx.FloatImm("float64", 1e-4)],
+        record.target, record.args_info))
+    merge_into_records(folder, None, target, quiet, extra=[measured])
+    merged = load_records(folder, target)
+    assert merged.records == found.records and merged.unmeasured == found.unmeasured - 1
+    assert min(mean_seconds(r.run_secs) for r in merged.database.get_all_tuning_records()) < UNMEASURED_SECONDS
+
+
+def test_builder_only_is_for_gpu_presets():
+    with pytest.raises(EffconvError, match="GPU presets"):
+        record_default_schedules(TINY, "host", log=quiet)
 
 
 # --- custom schedule rules: the mechanism the op issues plug into ----------------------------------

@@ -66,6 +66,34 @@ def is_scheduled(func) -> bool:
     return bool(func.attrs is not None and func.attrs.get(SCHEDULED_ATTR, False))
 
 
+def gpu_rules() -> tuple:
+    """dlight's GPU rules, in the order they are tried, for the functions no effconv rule takes."""
+    from tvm.s_tir import dlight as dl
+
+    return dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+
+
+def gpu_default_trace(func, target):
+    """The GPU default schedule of one PrimFunc as a traced Schedule (what ``default_schedule_module``
+    applies to it), or None when no rule takes it. Its trace is what a builder-only record stores."""
+    from tvm import s_tir
+
+    from .schedule_rules import DefaultKnobs, find_rule
+
+    sch = s_tir.Schedule(func)
+    match = find_rule(sch, target)
+    if match is not None:
+        block, rule = match
+        rule.function(sch, block, DefaultKnobs(), rule.variants[0])
+        return sch
+    with target:
+        for rule in gpu_rules():
+            space = rule.apply(func, target, False)
+            if space is not None:
+                return space if isinstance(space, s_tir.Schedule) else space[0]
+    return None
+
+
 def default_schedule_module(mod, preset: Preset):
     """Schedule every not yet scheduled function: effconv rules with default knobs, then our CPU
     defaults or dlight's GPU rules. Returns (module, names of functions left unscheduled)."""
@@ -77,9 +105,7 @@ def default_schedule_module(mod, preset: Preset):
     mod, _ = apply_default_rules(mod, target)
     if preset.family == "cuda":
         with target:
-            mod = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )(mod)
+            mod = dl.ApplyDefaultSchedule(*gpu_rules())(mod)
         return mod, []
     from .default_schedule import apply_default_schedules
 

@@ -134,6 +134,10 @@ def compile_model(
     found = load_records(folder, preset.target)
     for problem in found.problems:
         log(f"warning: {problem}")
+    if found.unmeasured:
+        log(f"note: {found.unmeasured} of the {found.records} records in {folder} are builder-only (default schedules, "
+            f"never measured on a device); tune on a device to replace them: python -m tvm_effconv.tune {model} "
+            f"--target {preset.name}")
     log(f"compiling for {preset.name}: {json.dumps(preset.target_dict)}")
     executable, report = build(mod, preset, found.database)
     if report.default_schedule:
@@ -201,6 +205,7 @@ def compile_model(
                 "directory": str(folder),
                 "files": found.files,
                 "problems": found.problems,
+                "unmeasured": found.unmeasured,
                 "applied": report.from_records,
                 "missing": report.default_schedule,
             },

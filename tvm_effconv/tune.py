@@ -2,6 +2,7 @@
 
     python -m tvm_effconv.tune MODEL --target PRESET [--trials N] [--records DIR]
                                [--rpc-tracker HOST:PORT --rpc-key KEY] [--only OPS]
+    python -m tvm_effconv.tune MODEL --target PRESET --builder-only [--records DIR]
     python -m tvm_effconv.tune --prune [--target PRESET | --records DIR]
 
 Tasks are the model's fused functions (the same form compile applies records to). The host measures
@@ -9,7 +10,9 @@ locally; a device measures through an RPC tracker, which spreads the candidates 
 registered under the key. Measured records land in a work database as they come; at the end, or when
 the run is interrupted, they are merged into the records folder (best per workload, one atomic
 rename). Running the same command again resumes: tasks already tuned with the requested trials are
-skipped.
+skipped. Where no device can measure (a CUDA preset on a machine without a GPU), ``--builder-only``
+records each task's default schedule, built but not measured, marked as such (see
+``tuning.UNMEASURED_SECONDS``): any later measured record replaces it.
 """
 
 import argparse
@@ -24,10 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import frontend
-from .build import default_schedule_module, prepare
+from .build import default_schedule_module, gpu_default_trace, prepare
 from .errors import EffconvError, run_cli
 from .targets import get_preset
-from .tuning import DATABASE_FILES, RECORD_FILE, best_records, load_records, mean_seconds, records_dir, write_records
+from .tuning import (
+    DATABASE_FILES,
+    RECORD_FILE,
+    UNMEASURED_SECONDS,
+    best_records,
+    load_records,
+    mean_seconds,
+    records_dir,
+    write_records,
+)
 
 PROGRESS_FILE = "progress.json"
 
@@ -174,6 +186,15 @@ def _measure_callback(progress: _Progress):
 def _builder_and_runner(preset, tracker: str | None, key: str | None, timeout: float):
     from tvm.s_tir import meta_schedule as ms
 
+    if preset.family == "cuda" and not tracker:
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise EffconvError(
+                f"tuning for {preset.name} measures on a CUDA GPU and this machine has none: run it on a machine "
+                "with one, or pass --rpc-tracker HOST:PORT --rpc-key KEY for GPUs registered at a tracker, or "
+                "--builder-only to commit the default schedules as records that were built but not measured"
+            )
     if preset.family == "arm" and not tracker:
         raise EffconvError(
             f"tuning for {preset.name} measures on a device: pass --rpc-tracker HOST:PORT --rpc-key KEY "
@@ -241,20 +262,83 @@ def _tune_contexts(tasks, work: Path) -> list:
     return contexts
 
 
-def merge_into_records(folder: Path, work: Path, target, log) -> int:
-    """Merge the work database (if any) into the records folder; returns the workloads written."""
+def merge_into_records(folder: Path, work: Path | None, target, log, extra=()) -> int:
+    """Merge the work database (if any) and the ``extra`` databases into the records folder; returns
+    the workloads written."""
     from tvm.s_tir import meta_schedule as ms
 
-    sources = []
+    sources = list(extra)
     current = load_records(folder, target)
     if current.database is not None:
         sources.append(current.database)
-    if (work / RECORD_FILE).is_file():
+    if work is not None and (work / RECORD_FILE).is_file():
         sources.append(ms.database.JSONDatabase(work_dir=str(work)))
     records = best_records(sources)
     if records:
         write_records(folder, records)
     return len(records)
+
+
+def _extract_tasks(model: str, preset, only, input_shapes, trust_pickle) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    specs = [frontend.InputSpec.parse(s) for s in input_shapes]
+    loaded = frontend.load_model(model, specs, trust_pickle)
+    prepared = prepare(frontend.to_relax(loaded.exported, preset.target), preset.target)
+    tasks = list(ms.relax_integration.extract_tasks(prepared, preset.target))
+    if not only:
+        return tasks
+    chosen = [t for t in tasks if any(op in t.task_name for op in only)]
+    if not chosen:
+        raise EffconvError(
+            f"--only {','.join(only)} matches none of the model's tasks: {', '.join(t.task_name for t in tasks)}"
+        )
+    return chosen
+
+
+def record_default_schedules(model: str, target: str, records: str | None = None, only: list[str] = (),
+                             input_shapes: list[str] = (), trust_pickle: bool = False, log=print) -> TuneReport:
+    """Builder-only records: each task's GPU default schedule, built to check it compiles, committed with
+    the run time UNMEASURED_SECONDS. Records already measured for a workload are kept (they are faster)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    preset = get_preset(target)
+    if preset.family != "cuda":
+        raise EffconvError(
+            f"--builder-only is for GPU presets, whose default schedules are single traces; {preset.name} is measured "
+            "on its device instead (see --rpc-tracker)"
+        )
+    tasks = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
+    folder = records_dir(preset.name, records)
+    report = TuneReport(preset=preset.name, records=folder)
+    started = time.time()
+    traced = []
+    for task in tasks:
+        result = TaskResult(task.task_name, int(task.weight))
+        report.tasks.append(result)
+        sch = gpu_default_trace(task.dispatched[0]["main"], preset.target)
+        if sch is None:
+            result.note = "no default schedule: left out"
+        else:
+            traced.append((task, result, sch))
+    builder = ms.builder.LocalBuilder(timeout_sec=120, f_build=build_candidate)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, preset.target) for _, _, sch in traced])
+    database = ms.database.MemoryDatabase()
+    unmeasured = [tvm.tirx.FloatImm("float64", UNMEASURED_SECONDS)]
+    for (task, result, sch), build_result in zip(traced, built):
+        if build_result.error_msg is not None:
+            result.note = "default schedule does not build: left out: " + build_result.error_msg.strip().splitlines()[-1]
+            continue
+        workload = database.commit_workload(task.dispatched[0])
+        args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, unmeasured, preset.target, args))
+        result.note = "builder-only: built, not measured"
+    log(f"{len(tasks)} task(s): {len(database.get_all_tuning_records())} default schedule(s) built for {preset.name}")
+    written = merge_into_records(folder, None, preset.target, log, extra=[database])
+    log(f"records: {written} workload(s) in {folder} (builder-only ones are replaced by any measured record)")
+    report.seconds = time.time() - started
+    return report
 
 
 def tune_model(model: str, target: str, trials: int = 64, records: str | None = None, tracker: str | None = None,
@@ -267,17 +351,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     preset = get_preset(target)
     key = key or preset.rpc_key
     builder, runner = _builder_and_runner(preset, tracker, key, timeout)
-    specs = [frontend.InputSpec.parse(s) for s in input_shapes]
-    loaded = frontend.load_model(model, specs, trust_pickle)
-    prepared = prepare(frontend.to_relax(loaded.exported, preset.target), preset.target)
-    tasks = list(ms.relax_integration.extract_tasks(prepared, preset.target))
-    if only:
-        chosen = [t for t in tasks if any(op in t.task_name for op in only)]
-        if not chosen:
-            raise EffconvError(
-                f"--only {','.join(only)} matches none of the model's tasks: {', '.join(t.task_name for t in tasks)}"
-            )
-        tasks = chosen
+    tasks = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
 
     folder = records_dir(preset.name, records)
     work = work_dir(folder)
@@ -388,6 +462,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-pickle", action="store_true")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per measurement session")
     parser.add_argument("--prune", action="store_true", help="keep only the best record per workload and exit")
+    parser.add_argument("--builder-only", action="store_true",
+                        help="GPU presets without a GPU here: record the default schedules, built but not measured")
     args = parser.parse_args(argv)
     if not args.target and not args.records:
         parser.error("--target is required")
@@ -401,6 +477,11 @@ def main(argv=None) -> int:
     if not args.model:
         parser.error("MODEL is required (or --prune)")
     only = [op for item in args.only for op in item.split(",") if op]
+    if args.builder_only:
+        report = record_default_schedules(args.model, args.target, args.records, only, args.input_shape,
+                                          args.trust_pickle, log)
+        print(report.table())
+        return 0
     report = tune_model(args.model, args.target, args.trials, args.records, args.rpc_tracker, args.rpc_key, only,
                         args.input_shape, args.trust_pickle, args.timeout, log)
     print(report.table())

@@ -22,6 +22,11 @@ DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
 # Besides the database, a records folder may hold a README that says how the records were made.
 ALLOWED_EXTRA = ("README.md",)
 
+# The run time of a builder-only record: a default schedule that was built but never measured (no device
+# to run it on). MetaSchedule needs a run time to apply a record; this one marks it and loses to any
+# measurement when records are merged, so tuning on a real device replaces it.
+UNMEASURED_SECONDS = 1e9
+
 # Target attributes that decide whether a schedule fits: a record tuned for another CPU or GPU
 # architecture may not even compile (intrinsics), so it is never applied.
 TARGET_IDENTITY = ("kind", "mtriple", "mcpu", "mattr", "arch")
@@ -35,6 +40,7 @@ class Records:
     database: object = None
     workloads: int = 0
     records: int = 0
+    unmeasured: int = 0  # builder-only records among ``records``
     files: dict = field(default_factory=dict)  # file name -> sha256
     problems: list[str] = field(default_factory=list)
 
@@ -116,6 +122,7 @@ def load_records(directory: Path, target) -> Records:
             )
         )
         found.records += 1
+        found.unmeasured += is_unmeasured(record)
     for key, count in foreign_targets.items():
         found.problems.append(
             f"{count} record(s) in {directory} were tuned for another target {key}, not {json.dumps(want, sort_keys=True)}; "
@@ -125,6 +132,10 @@ def load_records(directory: Path, target) -> Records:
         found.database = database
         found.workloads = len({str(r.workload.as_json()[0]) for r in database.get_all_tuning_records()})
     return found
+
+
+def is_unmeasured(record) -> bool:
+    return bool(record.run_secs) and mean_seconds(record.run_secs) >= UNMEASURED_SECONDS
 
 
 def mean_seconds(run_secs) -> float:
@@ -153,12 +164,19 @@ def write_records(directory: Path, records: list) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        workload_lines, record_lines = [], []
-        for index, record in enumerate(records):
-            workload_lines.append(json.dumps(record.workload.as_json()))
-            record_lines.append(json.dumps([index, record.as_json()]))
-        (staging / WORKLOAD_FILE).write_text("".join(line + "\n" for line in workload_lines))
-        (staging / RECORD_FILE).write_text("".join(line + "\n" for line in record_lines))
+        # MetaSchedule's own writer: a trace may hold objects (an IndexMap) that only its C++ JSON
+        # serialiser can write.
+        from tvm.s_tir import meta_schedule as ms
+
+        database = ms.database.JSONDatabase(
+            path_workload=str(staging / WORKLOAD_FILE), path_tuning_record=str(staging / RECORD_FILE)
+        )
+        for record in records:
+            workload = database.commit_workload(record.workload.mod)
+            database.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+            )
+        del database
         if directory.is_dir():
             for entry in directory.iterdir():
                 if entry.name not in DATABASE_FILES:
