@@ -45,6 +45,7 @@ def effconv_convert_map(target, constants: dict) -> dict:
         dsq.OP_NAME: dsq.converter(target, constants, folded),
         varg.OP_NAME: varg.converter(target, constants, folded),  # grouped convs, 8/16/32 channels per group
         varg.SEPARABLE_OP_NAME: varg.separable_converter(target, constants),  # the fused separable unit
+        varg.QCONV_OP_NAME: varg.qconv_converter(target, constants, folded),  # int8 VarG convs
         lccl.OP_NAME: lccl.converter(target, constants, folded),
         BATCH_NORM_OP: batch_norm,
     }

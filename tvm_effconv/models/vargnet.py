@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from ..nn.dsconv import _check
-from ..nn.varg import VarGConv2d, VarGDownsampleBlock, VarGNormalBlock, make_activation, standard_layers
+from ..nn.varg import (
+    VarGConv2d,
+    VarGDownsampleBlock,
+    VarGNormalBlock,
+    make_activation,
+    quantize_varg,
+    standard_layers,
+)
 from .examples import _randomize_batch_norm
 
 STEM_CHANNELS = 32
@@ -107,6 +114,16 @@ def vargnet_small():
     """A narrow VarGNet (width 0.5: 16 to 128 channels, one normal block per stage, a 128-channel last conv,
     10 classes) on 32 x 32 inputs: every VarG layer type at a size tests run quickly."""
     return _build(1, 32, num_classes=10, width_multiplier=0.5, normal_blocks=(1, 1, 1), head_channels=128)
+
+
+def vargnet_small_int8(weight_bits: int = 8):
+    """:func:`vargnet_small` with every VarG conv quantized to int8 (``quantize_varg``, calibrated on four
+    random batches and the example input)."""
+    model, inputs = vargnet_small()
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(inputs[0].shape, generator=generator) for _ in range(4)] + [inputs[0]]
+    quantize_varg(model, batches, weight_bits)
+    return model, inputs
 
 
 def vargnet_conv_shapes(model: nn.Module, example_input: torch.Tensor) -> list[dict]:

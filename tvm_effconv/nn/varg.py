@@ -22,6 +22,14 @@ that ``torch.export`` keeps the unit as one node and the compiler can run it as 
 training mode (and inside :func:`standard_layers`) it runs as its standard layers. Everything else is
 standard: a VarGConv2d exports as ``aten.convolution`` with ``groups = C / group_base``, the blocks' adds,
 activations and the optional SE as aten ops.
+
+int8 (post-training quantization, as TFLite's and ncnn's converters do it): :func:`quantize_varg`
+runs calibration batches through a float model, then replaces every VarGConv2d with a
+:class:`QuantizedVarGConv2d`: symmetric int8 activations with one scale per layer (the largest |x| seen,
+/ 127), symmetric weights with one scale per output channel (codes in [-127, 127]; ``weight_bits=7``
+gives [-63, 63], which x86 CPUs without VNNI need for their fast ``pmaddubsw`` path). It calls
+``torch.ops.effconv.varg_qconv2d``: the integer conv is exact, then one float scale per output channel.
+A unit whose grouped conv is quantized runs as its layers (the fused unit is float).
 """
 
 import contextlib
@@ -31,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import conv2d_output_size
-from .dsconv import _check, _pair
+from .dsconv import _check, _pair, _signed_range, quantize_activations
 
 __all__ = [
     "ACTIVATIONS",
@@ -40,6 +48,9 @@ __all__ = [
     "VarGDownsampleBlock",
     "VarGNormalBlock",
     "VarGSeparable",
+    "QuantizedVarGConv2d",
+    "quantize_varg",
+    "varg_qconv2d",
     "make_activation",
     "standard_layers",
     "varg_separable",
@@ -180,7 +191,7 @@ class VarGSeparable(nn.Module):
         self.pointwise_act = make_activation(activation, out_channels) if pointwise_activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.single_op:
+        if self.training or not self.single_op or not isinstance(self.group_conv, VarGConv2d):
             y = self.group_act(self.group_bn(self.group_conv(x)))
             return self.pointwise_act(self.pointwise_bn(self.pointwise(y)))
         conv, acts = self.group_conv, (self.group_act, self.pointwise_act)
@@ -286,3 +297,105 @@ class VarGDownsampleBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fuse(self.merge_act(self.branch_a(x) + self.branch_b(x)))
         return self.act(self.shortcut(x) + y)
+
+
+WEIGHT_BITS = (7, 8)
+ACT_BITS = 8
+
+
+@torch.library.custom_op("effconv::varg_qconv2d", mutates_args=())
+def varg_qconv2d(
+    x: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """The int8 grouped conv, the reference: x_q = clamp(round_half_even(x / act_scale), -128, 127) (int8),
+    the integer conv of x_q with ``weight_codes`` (K, C/groups, R, S) int8 (exact, float64), times
+    ``act_scale * weight_scale[k]``, plus ``bias`` [K] if given. Returns float32 (N, K, P, Q)."""
+    x_q, _ = quantize_activations(x, act_scale, "int8", ACT_BITS, 1, 1)
+    y = F.conv2d(x_q.double(), weight_codes.double(), None, stride, padding, 1, groups)
+    y = y * (act_scale.double() * weight_scale.double()).view(1, -1, 1, 1)
+    return (y if bias is None else y + bias.double().view(1, -1, 1, 1)).float()
+
+
+@varg_qconv2d.register_fake
+def _varg_qconv2d_fake(x, weight_codes, weight_scale, act_scale, bias, stride, padding, groups):
+    out_size = conv2d_output_size(x.shape[2:], weight_codes.shape[2:], stride, padding, (1, 1))
+    return x.new_empty(x.shape[0], weight_codes.shape[0], *out_size)
+
+
+class QuantizedVarGConv2d(nn.Module):
+    """An int8 VarGConv2d for inference (eval only, no training): int8 weight codes with one scale per
+    output channel, one activation scale; forward calls :func:`varg_qconv2d`. Make one with
+    :meth:`from_conv`, or a whole model's with :func:`quantize_varg`."""
+
+    def __init__(self, weight_codes, weight_scale, act_scale, bias, stride, padding, groups: int, group_base: int):
+        super().__init__()
+        self.register_buffer("weight_codes", weight_codes)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("act_scale", act_scale)
+        self.register_buffer("bias", bias)
+        self.stride, self.padding, self.groups, self.group_base = tuple(stride), tuple(padding), groups, group_base
+
+    @classmethod
+    def from_conv(cls, conv: VarGConv2d, act_scale: float, weight_bits: int = 8) -> "QuantizedVarGConv2d":
+        """Quantize ``conv``'s weights per output channel (symmetric, ``weight_bits`` in WEIGHT_BITS) for
+        activations of scale ``act_scale`` (> 0)."""
+        layer = "QuantizedVarGConv2d"
+        _check(isinstance(conv, VarGConv2d), layer, "conv", type(conv).__name__, "a VarGConv2d")
+        _check(weight_bits in WEIGHT_BITS, layer, "weight_bits", weight_bits, f"one of {WEIGHT_BITS}")
+        _check(act_scale > 0, layer, "act_scale", act_scale, "> 0 (calibrate on inputs that are not all zero)")
+        high = _signed_range(weight_bits)[1]
+        weight = conv.weight.detach().float()
+        peak = weight.abs().amax(dim=(1, 2, 3))
+        scale = torch.where(peak > 0, peak / high, torch.ones_like(peak))
+        codes = torch.clamp(torch.round(weight / scale.view(-1, 1, 1, 1)), -high, high).to(torch.int8)
+        bias = None if conv.bias is None else conv.bias.detach().float().clone()
+        return cls(codes, scale, torch.tensor(float(act_scale)), bias, conv.stride, conv.padding, conv.groups,
+                   conv.group_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return varg_qconv2d(x, self.weight_codes, self.weight_scale, self.act_scale, self.bias, list(self.stride),
+                            list(self.padding), self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_codes.shape[1] * self.groups}, {self.weight_codes.shape[0]}, "
+                f"stride={self.stride}, group_base={self.group_base}, act_scale={float(self.act_scale):.4g}")
+
+
+def quantize_varg(model: nn.Module, batches, weight_bits: int = 8) -> dict[str, float]:
+    """Post-training int8 quantization of every VarGConv2d of ``model``, in place; returns the activation
+    scales by module path. ``batches`` (tensors, or tuples of model arguments) run through the float
+    model in eval mode; each layer's activation scale is the largest |input| seen / 127 (1 if it saw only
+    zeros). Then each VarGConv2d becomes ``QuantizedVarGConv2d.from_conv(conv, scale, weight_bits)``.
+    The model is left in eval mode."""
+    _check(weight_bits in WEIGHT_BITS, "quantize_varg", "weight_bits", weight_bits, f"one of {WEIGHT_BITS}")
+    convs = {path: module for path, module in model.named_modules() if isinstance(module, VarGConv2d)}
+    _check(bool(convs), "quantize_varg", "model", type(model).__name__, "a model with VarGConv2d layers")
+    largest = dict.fromkeys(convs, 0.0)
+
+    def observer(path):
+        def hook(module, args):
+            largest[path] = max(largest[path], args[0].detach().abs().max().item())
+
+        return hook
+
+    handles = [conv.register_forward_pre_hook(observer(path)) for path, conv in convs.items()]
+    model.eval()
+    try:
+        with torch.no_grad(), standard_layers(model):
+            for batch in batches:
+                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scales = {path: (peak / _signed_range(ACT_BITS)[1] if peak > 0 else 1.0) for path, peak in largest.items()}
+    for path, conv in convs.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, QuantizedVarGConv2d.from_conv(conv, scales[path], weight_bits))
+    return scales

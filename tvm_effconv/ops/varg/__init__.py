@@ -11,20 +11,25 @@ separable unit (grouped conv -> BN -> act -> pointwise -> BN -> act) as one fuse
     :data:`compute.GROUP_BASES` (and more than one group), whose weights are model constants, go to the
     grouped kernel; every other convolution stays with TVM's importer;
   - ``effconv::varg_separable`` (a separable unit in eval mode): the fused kernel where
-    :func:`fuses` says it is faster, else the grouped kernel followed by TVM's pointwise conv.
+    :func:`fuses` says it is faster, else the grouped kernel followed by TVM's pointwise conv;
+  - ``effconv::varg_qconv2d`` (an int8 VarG conv, see ``quantize_varg``): the int8 grouped kernel with
+    the dot instruction :func:`int8_kernel` picks for the target.
 
 The layers (``VarGConv2d``, ``VarGSeparable`` and the blocks) are in :mod:`tvm_effconv.nn.varg`.
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..dsconv import cpu as dsconv_cpu
 from . import compute, cpu
 from . import cuda as cuda_schedule
 
 OP_NAME = "convolution.default"
 SEPARABLE_OP_NAME = "varg_separable.default"
+QCONV_OP_NAME = "varg_qconv2d.default"
 
 
 def vector_lanes(target, group_out: int) -> int:
@@ -116,9 +121,19 @@ def forced_fusion(fused: bool):
 
 def fuses(shape: compute.SeparableShape, target) -> bool:
     """Whether the separable unit of ``shape`` runs as the fused kernel on ``target`` (else as the grouped
-    kernel followed by TVM's pointwise conv)."""
+    kernel followed by TVM's pointwise conv).
+
+    CPU: always. bench/varg.py on the host (EPYC znver3, AVX2, 1 thread, default schedules, load average
+    ~3.5 on 2 cores: preliminary) timed every distinct unit of VarGNet 1.0x at 224 x 224 (11 shapes,
+    32 -> 512 channels, 112 x 112 to 7 x 7, stride 1 and 2, with and without the last act): the unfused
+    pair took 1.20x (32 -> 32 -> 32 at 112 x 112, s2, with act) to 2.59x (64 -> 128 -> 64 at 28 x 28) the
+    fused kernel's time, geomean 1.78x; no shape favoured the pair.
+    CUDA: wherever the intermediate of one output position fits the shared memory the schedule allows
+    itself (``cuda.SHARED_BYTES``); not measured on a GPU yet."""
     if _FORCED_FUSION[-1] is not None:
         return _FORCED_FUSION[-1]
+    if target.kind.name == "cuda":
+        return shape.mid_channels * 4 <= cuda_schedule.SHARED_BYTES
     return True
 
 
@@ -196,5 +211,75 @@ def separable_converter(target, constants: dict):
         pointwise_slopes = {key: value for key, value in slopes.items() if key == "pointwise_slope"}
         return bb.emit_te(bias_activation, y, pointwise_bias, primfunc_name_hint="pointwise_activation",
                           **pointwise_slopes)
+
+    return convert
+
+
+@dataclass(frozen=True)
+class Int8Kernel:
+    """The int8 kernel a target gets: output channels per weight vector, the activation offset (x86's
+    dot instructions take unsigned activations) and the dot intrinsic (``dp4a`` on CUDA)."""
+
+    lanes: int
+    act_offset: int
+    intrinsic: str
+
+
+def int8_kernel(target, group_out: int, weight_bits: int) -> Int8Kernel:
+    """The dot instruction for ``target`` and weights of ``weight_bits`` bits (as DSConv picks it: sdot,
+    smull, VNNI, pmaddubsw for at most 7-bit weights), if its width divides the group's ``group_out``
+    output channels; else plain widening multiplies on vectors of up to 8 int32 lanes."""
+    if target.kind.name == "cuda":
+        return Int8Kernel(vector_lanes(target, group_out), 0, "dp4a")
+    intrinsic = dsconv_cpu.dot_intrinsic(target, weight_bits)
+    lanes, offset = dsconv_cpu.kernel_layout(intrinsic)
+    if group_out % lanes == 0:
+        return Int8Kernel(lanes, offset, intrinsic)
+    lanes = 8
+    while group_out % lanes:
+        lanes //= 2
+    return Int8Kernel(lanes, 0, dsconv_cpu.PLAIN)
+
+
+def qconv_converter(target, constants: dict, folded: set):
+    """The frontend converter ``fn(node, importer)`` of ``effconv::varg_qconv2d`` for ``target``: the input
+    quantized to int8 (fused into the kernel's packing), the int8 kernel; a batch norm right after the op
+    is folded into its output scale and bias and added to ``folded``."""
+    from ...frontend import constant_argument, foldable_batch_norm
+    from ..dsconv import compute as dsconv_compute
+    from ..dsconv import weight_bits
+
+    def convert(node, importer):
+        from tvm import relax
+
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        codes, weight_scale, act_scale, bias = (
+            constant_argument(constants, arg, "varg_qconv2d", name)
+            for arg, name in zip(node.args[1:5], ("weight_codes", "weight_scale", "act_scale", "bias"))
+        )
+        stride, padding, groups = node.args[5:8]
+        n, c, h, w = (int(d) for d in x.ty.shape)
+        k = int(codes.shape[0])
+        kernel = int8_kernel(target, k // int(groups), weight_bits(codes))
+        shape = compute.VarGShape(n, c, h, w, k, tuple(codes.shape[2:]), tuple(stride), tuple(padding), (1, 1),
+                                  int(groups), kernel.lanes)
+        scale = float(act_scale) * weight_scale.astype(np.float64)
+        shift = np.zeros(k) if bias is None else bias.astype(np.float64)
+        norm = foldable_batch_norm(node, constants)
+        if norm is not None:
+            folded.add(norm[0])
+            scale, shift = scale * norm[1], shift * norm[1] + norm[2]
+        weights, offset = compute.pack_int8_weights(shape, codes, kernel.act_offset)
+        inverse_scale = float(np.float32(1.0) / np.float32(act_scale))
+        x_q = bb.emit_te(dsconv_compute.quantize_int8, x, inverse_scale, 8, primfunc_name_hint="varg_quantize")
+        tensors = {"offset": relax.const(offset)} if kernel.act_offset else {}
+        annotations = {dsconv_cpu.DOT_ANNOTATION: kernel.intrinsic, **cpu_annotations(target)}
+
+        def qconv(x_q, weights, scale, bias, offset=None):
+            return compute.varg_qconv2d(shape, x_q, weights, scale, bias, offset, kernel.act_offset, annotations)
+
+        return bb.emit_te(qconv, x_q, relax.const(weights), relax.const(scale.astype(np.float32)),
+                          relax.const(shift.astype(np.float32)), primfunc_name_hint="varg_qconv2d", **tensors)
 
     return convert

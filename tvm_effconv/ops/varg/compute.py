@@ -248,3 +248,59 @@ def varg_separable(
         lambda n, k, y, xx: activation(pointwise_activation, pointwise[n, y, xx, k] + pointwise_bias[k], pointwise_slope, k),
         name=OUT_BLOCK,
     )
+
+
+def pack_int8_weights(shape: VarGShape, codes: np.ndarray, act_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy, at compile time: int8 weight ``codes`` (K, C/g, R, S) as ``[K / lanes, C/g / 4, R, S, lanes, 4]``
+    (four input channels per dot instruction; C/g is a multiple of 4), and the int32 correction
+    ``act_offset * sum(codes[k])`` per output channel [K] for activations stored with that offset."""
+    s = shape
+    kh, kw = s.kernel
+    w = codes.astype(np.int8).reshape(s.out_channels // s.lanes, s.lanes, s.group_in // 4, 4, kh, kw)
+    packed = np.ascontiguousarray(w.transpose(0, 2, 4, 5, 1, 3))
+    return packed, act_offset * codes.astype(np.int32).reshape(s.out_channels, -1).sum(axis=1).astype(np.int32)
+
+
+def varg_qconv2d(shape: VarGShape, x_q, weights, scale, bias, offset=None, act_offset: int = 0, annotations=None):
+    """The int8 grouped conv of ``x_q`` (int8 NCHW) with :func:`pack_int8_weights`' ``weights``:
+
+    - ``varg_pad``: the zero-padded input in quads of channels, ``x_packed[n, g, c4, h, w, 4]``, plus
+      ``act_offset`` (uint8) where the dot instruction wants unsigned activations (x86);
+    - ``varg_conv``: int32 NHWC accumulation over (c4, r, s, i4): one dot instruction per (four channels,
+      weight vector, position), exact;
+    - ``varg_out``: ``scale[k] * (acc - offset[k]) + bias[k]`` (float32 NCHW): the offset correction is
+      integer, so the only rounding is that of one float multiply-add.
+
+    ``scale`` [K] is act_scale * weight_scale (and a folded batch norm's scale), ``bias`` [K]."""
+    from tvm import te, tirx
+
+    s = shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
+    packed_dtype = "uint8" if act_offset else "int8"
+
+    def pack(n, g, c4, h, w, i):
+        inside = tirx.all(h >= ph, h < s.height + ph, w >= pw, w < s.width + pw)
+        value = x_q[n, g * s.group_in + c4 * 4 + i, _clamp(h - ph, s.height), _clamp(w - pw, s.width)]
+        return (tirx.if_then_else(inside, value.astype("int32"), 0) + act_offset).astype(packed_dtype)
+
+    x_packed = te.compute((s.batch, s.groups, s.group_in // 4, *s.padded_size, 4), pack, name=PAD_BLOCK)
+    rc = te.reduce_axis((0, s.group_in // 4), name="rc")
+    rr = te.reduce_axis((0, kh), name="rr")
+    rs = te.reduce_axis((0, kw), name="rs")
+    ri = te.reduce_axis((0, 4), name="ri")
+
+    def conv(n, y, xx, k):
+        return te.sum(
+            x_packed[n, k // s.group_out, rc, y * sh + rr * dh, xx * sw + rs * dw, ri].astype("int32")
+            * weights[k // s.lanes, rc, rr, rs, k % s.lanes, ri].astype("int32"),
+            axis=[rc, rr, rs, ri],
+        )
+
+    attrs = {"schedule_rule": SCHEDULE_RULE, LANES_ANNOTATION: s.lanes, GROUPS_ANNOTATION: s.groups, **(annotations or {})}
+    acc = te.compute((s.batch, *s.out_size, s.out_channels), conv, name=CONV_BLOCK, attrs=attrs)
+
+    def out(n, k, y, xx):
+        integer = acc[n, y, xx, k] if offset is None else acc[n, y, xx, k] - offset[k]
+        return scale[k] * integer.astype("float32") + bias[k]
+
+    return te.compute((s.batch, s.out_channels, *s.out_size), out, name=OUT_BLOCK)

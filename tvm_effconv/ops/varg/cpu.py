@@ -1,4 +1,5 @@
-"""The VarG grouped-conv schedule for LLVM CPU targets: x86 (AVX2, AVX-512) and AArch64 NEON, float32.
+"""The VarG schedules for LLVM CPU targets: x86 (AVX2, AVX-512, VNNI) and AArch64 NEON (with or without
+dotprod): the grouped conv (float32, int8) and the fused separable unit (float32).
 
 Each group is a small dense conv (``group_base`` input channels, ``group_out`` outputs), so the schedule
 treats the groups as a batch: the parallel loop runs over (batch, group, channel tiles, row tiles), and
@@ -7,12 +8,19 @@ inside it a register tile of ``kv`` weight vectors (``lanes`` output channels of
 one broadcast input value feeds ``kv`` vector FMAs, one weight vector ``yt * xt`` of them. The tile is
 written once, through the fused epilogue (folded batch norm's shift, PReLU/ReLU, residual adds).
 
+The int8 grouped conv has the same tile with int32 accumulators; per step one dot instruction per
+(four input channels, weight vector, position): ``sdot`` (dotprod), ``smull`` + pairwise adds (NEON
+without dotprod), ``vpdpbusd`` (VNNI), ``pmaddubsw`` + ``pmaddwd`` (AVX2 / AVX-512, weights of at most 7
+bits), else widening multiplies that LLVM vectorises; the dispatch picks it and annotates the block.
+
 Knobs (defaults from :func:`default_tile`): the splits of the group's weight vectors, of the output
-rows and of the output columns into (outer, register tile).
+rows and of the output columns into (outer, register tile). The fused unit's rule:
+:func:`schedule_varg_separable_cpu`.
 """
 
 from tvm.target import codegen
 
+from ...intrin import x86 as x86_intrin
 from ...schedule_rules import (
     RegisterBudget,
     divisors,
@@ -21,6 +29,7 @@ from ...schedule_rules import (
     register_rule,
     register_tile,
 )
+from ..dsconv.cpu import DOT_ANNOTATION, PLAIN
 from .compute import (
     CONV_BLOCK,
     GROUPS_ANNOTATION,
@@ -75,7 +84,7 @@ def tile_budget(registers: int) -> RegisterBudget:
 
 
 def default_tile(group_vectors: int, height: int, width: int, registers: int) -> tuple[int, int, int]:
-    """(kv, yt, xt): the register tile without a tuning record."""
+    """(kv, yt, xt): the float kernel's register tile without a tuning record."""
     return register_tile(group_vectors, height, width, tile_budget(registers))
 
 
@@ -121,31 +130,35 @@ def extent(sch, loop) -> int:
 
 
 def tile_grouped_conv(sch, conv, lanes: int, groups: int, tiles):
-    """Split and order the grouped conv's loops (the last seven of ``conv``: n, y, x, k, rc, rr, rs) into
-    (n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane): the register tile of ``kv`` weight vectors x
-    ``yt`` x ``xt`` positions innermost. ``tiles(kvec, y, x)`` gives the factors of the group's weight
-    vectors, the rows and the columns (outer, register tile). Returns the loops by name."""
-    n, y, x, k, rc, rr, rs = sch.get_loops(conv)[-7:]
-    group_vectors = extent(sch, k) // (groups * lanes)
-    g, kvec, lane = sch.split(k, [groups, group_vectors, lanes])
-    kv_factors, y_factors, x_factors = tiles(kvec, y, x)
-    kt, kv = sch.split(kvec, kv_factors)
-    yo, yt = sch.split(y, y_factors)
-    xo, xt = sch.split(x, x_factors)
-    sch.reorder(n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane)
-    return dict(n=n, g=g, kt=kt, yo=yo, xo=xo, rc=rc, rr=rr, rs=rs, yt=yt, xt=xt, kv=kv, lane=lane)
+    """Split and order the grouped conv's loops (n, y, x, k, rc, rr, rs, and ri, the four channels of a dot
+    instruction, in the int8 compute) into (n, g, kt, yo, xo, rc, rr, rs, yt, xt, kv, lane[, ri]): the
+    register tile of ``kv`` weight vectors x ``yt`` x ``xt`` positions innermost. ``tiles(kvec, y, x)``
+    gives the factors of the group's weight vectors, the rows and the columns (outer, register tile).
+    Returns the loops by name."""
+    names = ("n", "y", "x", "k", "rc", "rr", "rs", "ri")[: len(sch.get(conv).iter_vars)]
+    loops = dict(zip(names, sch.get_loops(conv)[-len(names):]))
+    group_vectors = extent(sch, loops["k"]) // (groups * lanes)
+    loops["g"], kvec, loops["lane"] = sch.split(loops.pop("k"), [groups, group_vectors, lanes])
+    kv_factors, y_factors, x_factors = tiles(kvec, loops["y"], loops["x"])
+    loops["kt"], loops["kv"] = sch.split(kvec, kv_factors)
+    loops["yo"], loops["yt"] = sch.split(loops.pop("y"), y_factors)
+    loops["xo"], loops["xt"] = sch.split(loops.pop("x"), x_factors)
+    order = ("n", "g", "kt", "yo", "xo", "rc", "rr", "rs", "yt", "xt", "kv", "lane", "ri")
+    sch.reorder(*(loops[name] for name in order if name in loops))
+    return loops
 
 
-def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector) -> None:
-    """``block``'s tile accumulates in registers (``local``) over the ``reduction`` loop, the ``unrolled``
-    tile loops and the ``vector`` loop (SIMD lanes); ``writeback`` (its consumer: bias, activation) runs
-    once per tile, at loop ``at``, its tile loops unrolled."""
+def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None) -> None:
+    """``block``'s tile accumulates in registers (``local``) over the ``reduction`` loop and the
+    ``unrolled`` tile loops, the ``vector`` loop (if given) vectorised; ``writeback`` (its consumer: bias,
+    activation) runs once per tile, at loop ``at``, its tile loops unrolled."""
     sch.set_scope(block, 0, "local")
     depth = 1 + [sch.get(loop).same_as(sch.get(at)) for loop in sch.get_loops(block)].index(True)
     sch.reverse_compute_at(writeback, at, preserve_unit_loops=True)
     for loop in sch.get_loops(writeback)[depth:]:
         sch.unroll(loop)
-    sch.vectorize(vector)
+    if vector is not None:  # before the reduction's init is split off: vectorize needs it in place
+        sch.vectorize(vector)
     for loop in unrolled:
         sch.unroll(loop)
     init = sch.decompose_reduction(block, reduction)
@@ -164,16 +177,29 @@ def block_registers(sch, block) -> int:
     return int(sch.get(block).annotations.get(REGISTERS_ANNOTATION, SIMD["avx2"][1]))
 
 
+def int8_tile_budget(intrinsic: str, registers: int) -> RegisterBudget:
+    """The int8 kernel's tile: one int32 accumulator per (vector, position) and a broadcast input quad per
+    position; weight vectors in registers on ARM (x86 reads them as memory operands); two registers for
+    the dot instruction's temporaries (pmaddubsw's int16 pairs, smull's products)."""
+    x86 = intrinsic in (x86_intrin.AVX2_DOT_8x4, x86_intrin.AVX512_DOT_16x4, x86_intrin.VNNI_DOT_16x4)
+    return RegisterBudget(registers, 1, 0 if x86 else 1, 1, 2)
+
+
 @register_rule(SCHEDULE_RULE, ["cpu", "arm_cpu"])
 def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
+    """The grouped conv, float (FMA) or int8 (the dot intrinsic the dispatch annotated, or plain
+    widening multiplies that LLVM vectorises)."""
     annotations = sch.get(conv).annotations
     lanes, groups = int(annotations[LANES_ANNOTATION]), int(annotations[GROUPS_ANNOTATION])
+    intrinsic = str(annotations[DOT_ANNOTATION]) if DOT_ANNOTATION in annotations else None
     prepare_input(sch)
 
-    _, y, x, k, _, _, _ = sch.get_loops(conv)
+    _, y, x, k = sch.get_loops(conv)[:4]
     group_vectors = extent(sch, k) // (groups * lanes)
     height, width = extent(sch, y), extent(sch, x)
-    kv0, yt0, xt0 = default_tile(group_vectors, height, width, block_registers(sch, conv))
+    registers = block_registers(sch, conv)
+    budget = tile_budget(registers) if intrinsic is None else int8_tile_budget(intrinsic, registers)
+    kv0, yt0, xt0 = register_tile(group_vectors, height, width, budget)
 
     def tiles(kvec, y, x):
         return (knobs.tile(kvec, 2, [group_vectors // kv0, kv0], max_innermost=8),
@@ -186,8 +212,14 @@ def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
     # the register tile, channels innermost: one SIMD register per (position, weight vector)
     writeback = sch.get_sblock(OUT_BLOCK)
     inline_consumers(sch, writeback)
-    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"],
-                            [loops[name] for name in ("rr", "rs", "yt", "xt", "kv")], loops["lane"])
+    unrolled = [loops[name] for name in ("rr", "rs", "yt", "xt", "kv")]
+    if intrinsic == PLAIN:  # int8 without a dot instruction: the quad's channels unrolled, lanes vectorised
+        sch.reorder(loops["ri"], loops["lane"])
+        unrolled.append(loops["ri"])
+    vector = None if intrinsic not in (None, PLAIN) else loops["lane"]
+    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"], unrolled, vector)
+    if vector is None:
+        sch.tensorize(loops["lane"], intrinsic)
     for consumer in sch.get_consumers(writeback):  # blocks that could not be inlined
         parallel_outer(sch, consumer, 2)
     keep_loops(sch)

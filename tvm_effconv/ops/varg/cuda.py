@@ -1,4 +1,5 @@
-"""CUDA schedule of the VarG grouped conv (rule ``effconv_varg_conv2d`` for the ``cuda`` target key).
+"""CUDA schedules of the VarG grouped conv (rule ``effconv_varg_conv2d`` for the ``cuda`` target key; float
+and int8, whose quads of input channels go through ``__dp4a``) and of the fused separable unit.
 
 Kernels, in launch order:
 
@@ -24,6 +25,7 @@ bias and activation. Knobs: the output-channel vectors split (threads, per threa
 split three ways (blocks, threads, per thread).
 """
 
+from ...intrin.cuda import dp4a_intrin
 from ...schedule_rules import divisors, inline_consumers, register_rule
 from ..cuda_common import bind_flat, bind_unbound, extent, load_vectors, tile_threads, unroll
 from .compute import (
@@ -55,20 +57,23 @@ def schedule_varg_conv2d_cuda(sch, conv, knobs, variant="default"):
     write_out = sch.get_sblock(OUT_BLOCK)
     inline_consumers(sch, write_out)
 
-    n, y, x, k, rc, rr, rs = sch.get_loops(conv)
-    tile = tile_threads(sch, n, k, y, x, lanes, knobs, reduction=(rc, rr, rs))
+    n, y, x, k, *reduction = sch.get_loops(conv)
+    quads = len(reduction) == 4  # the int8 compute: (c4, r, s, four channels), one dp4a per quad
+    tile = tile_threads(sch, n, k, y, x, lanes, knobs, reduction=reduction[:3])
     sch.reverse_compute_at(write_out, tile.tx, preserve_unit_loops=True)
-    depth_tx = len(sch.get_loops(conv)) - 7  # loops above rc: bx, kb, kt, tx
+    depth_tx = len(sch.get_loops(conv)) - 7 - quads  # loops above the reduction: bx, kb, kt, tx
     for loop in sch.get_loops(write_out)[depth_tx:]:
         sch.unroll(loop)
 
-    load_vectors(sch, conv, weights.name, rs)
+    load_vectors(sch, conv, weights.name, reduction[2])
     depth_rs = depth_tx + 3
-    for loop in sch.get_loops(conv)[depth_rs:]:
-        sch.unroll(loop)
-    init = sch.decompose_reduction(conv, rc)
+    tile_loops = sch.get_loops(conv)[depth_rs:]
+    unroll(sch, tile_loops[:-1] if quads else tile_loops)
+    init = sch.decompose_reduction(conv, reduction[0])
     for loop in sch.get_loops(init)[depth_tx:]:
         sch.unroll(loop)
+    if quads:
+        sch.tensorize(reduction[3], dp4a_intrin(padded.scope(), "local", "local", str(padded.dtype)))
 
     bind_flat(sch, sch.get_sblock(PAD_BLOCK), inner_loops=1)
     bind_unbound(sch)

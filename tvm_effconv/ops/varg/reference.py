@@ -48,3 +48,12 @@ def separable_unit(
     mid = activation(group_activation, affine(mid, group_scale, group_shift), group_slope)
     out = np.einsum("km,nmpq->nkpq", pointwise_weight.reshape(pointwise_weight.shape[:2]).astype(np.float64), mid)
     return activation(pointwise_activation, affine(out, pointwise_scale, pointwise_shift), pointwise_slope)
+
+
+def grouped_qconv2d(x_q, codes, scale, bias, stride=(1, 1), padding=(0, 0), groups: int = 1):
+    """The int8 grouped conv: ``scale[k] * sum(x_q * codes) + bias[k]``, the integer sum exact (int64);
+    returns (float64 output, the int64 sums)."""
+    sums = np.rint(grouped_conv2d(x_q.astype(np.float64), codes.astype(np.float64), None, stride, padding, (1, 1),
+                                  groups)).astype(np.int64)
+    out = sums * np.asarray(scale, np.float64)[None, :, None, None] + np.asarray(bias, np.float64)[None, :, None, None]
+    return out, sums
