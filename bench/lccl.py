@@ -1,17 +1,19 @@
-"""Benchmark the LCCL kernel on the host: the sparse kernel against the same kernel built dense and against
-PyTorch's dense conv, at mask sparsities from 0 to 90%.
+"""Benchmark the LCCL kernels on the host: both sparse algorithms against the same kernel built dense and
+against PyTorch's dense conv, at mask sparsities from 0 to 90%.
 
 For each ResNet-18 3x3 conv shape, batch 1, "spatial" mask (one value per output position, what LCCL's
 ResNets use), one thread:
 
-- sparse: our kernel (``tvm_effconv.ops.lccl``, CPU rule, default knobs): padded input, cheap conv, mask, the
-  main conv's whole reduction skipped at zero positions, epilogue ``relu(acc + b) * mask``. The sparsity is set
-  through the cheap bias (a runtime argument): ``round(s * P * Q)`` positions have a zero mask;
-- dense: the same compute and schedule without the ``if mask != 0`` guard (every position reduced);
+- skip: our kernel (``tvm_effconv.ops.lccl``, CPU rule, default knobs): padded input, cheap conv, mask, the
+  main conv's whole reduction skipped at zero positions, epilogue ``relu(acc + b) * mask``;
+- compact: the active positions listed (a prefix sum), their input windows gathered into a dense matrix, a
+  GEMM over its rows, the epilogue reading each active position's row back;
+- dense: the skip compute and schedule without the ``if mask != 0`` guard (every position reduced);
 - torch: ``relu(F.conv2d(x, W, b))``, PyTorch's dense fp32 conv (oneDNN), the conv LCCL replaces.
 
-Timed interleaved (one repeat of each in turn, see bench/common.py), medians reported; the sparse kernel is
-checked against the numpy reference (tvm_effconv.ops.lccl.reference) at 50%. Writes
+The sparsity is set through the cheap bias (a runtime argument): ``round(s * P * Q)`` positions have a zero
+mask. Timed interleaved (one repeat of each in turn, see bench/common.py), medians reported; both sparse
+kernels are checked against the numpy reference (tvm_effconv.ops.lccl.reference) at 50%. Writes
 bench/results/lccl-host.{md,json,png} (the PNG needs matplotlib).
 
     python bench/lccl.py [--repeat 10] [--repeat-ms 20] [--quick]
@@ -34,11 +36,12 @@ import torch.nn.functional as F
 from common import SHAPES, Timed, cpu_model, geomean, measure
 
 SPARSITIES = [0.0, 0.25, 0.5, 0.75, 0.9]
+ALGORITHMS = ["skip", "compact"]
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-5
 
 
-def build(shape, sparse: bool, target):
+def build(shape, target):
     import tvm
     from tvm import te
 
@@ -52,7 +55,7 @@ def build(shape, sparse: bool, target):
         te.placeholder((1, shape.in_channels, *shape.kernel), "float32", "cheap_weight"),
         te.placeholder((1,), "float32", "cheap_bias"),
     ]
-    mod, _ = apply_default_rules(tvm.IRModule({"main": compute.prim_func(shape, *holders, sparse=sparse)}), target)
+    mod, _ = apply_default_rules(tvm.IRModule({"main": compute.prim_func(shape, *holders)}), target)
     with target:
         return tvm.compile(mod, target=target)
 
@@ -64,15 +67,20 @@ def bench_shape(spec, target, args):
     from tvm_effconv.ops.lccl import reference
 
     name, cin, cout, k, stride, size = spec
-    shape = lccl.layer_shape(target, (1, cin, size, size), (cout, cin, k, k), (stride, stride), (k // 2, k // 2),
-                             (1, 1), "spatial")
+
+    def shape_of(algorithm):
+        return lccl.layer_shape(target, (1, cin, size, size), (cout, cin, k, k), (stride, stride), (k // 2, k // 2),
+                                (1, 1), "spatial", algorithm)
+
+    shapes = {algorithm: shape_of(algorithm) for algorithm in ["dense", *ALGORITHMS]}
+    shape = shapes["dense"]  # the same geometry and weight layout for all three
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, cin, size, size)).astype(np.float32)
     weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32) * 0.1
     cheap = (rng.standard_normal((1, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
     pre = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(cheap).double(), None, stride, k // 2).numpy().ravel()
-    libs = {"sparse": build(shape, True, target), "dense": build(shape, False, target)}
+    libs = {algorithm: build(algorithm_shape, target) for algorithm, algorithm_shape in shapes.items()}
     dev = tvm.cpu()
     packed, main_bias, cheap_w = (tvm.runtime.tensor(a) for a in (lccl.compute.pack_weights(shape, weight), bias, cheap))
     data = tvm.runtime.tensor(x)
@@ -90,61 +98,94 @@ def bench_shape(spec, target, args):
         return Timed(tvm_timer=lambda number: lib.mod.time_evaluator("main", dev, number=number, repeat=1), tvm_args=args_)
 
     b50 = cheap_bias(0.5)
-    libs["sparse"](data, packed, main_bias, cheap_w, tvm.runtime.tensor(b50), out)
     want = reference.lccl_conv2d(x, weight, bias, cheap, b50, shape.stride, shape.padding, shape.dilation, "spatial")
-    error = float(np.abs(out.numpy() - want).max() / max(float(np.abs(want).max()), 1e-30))
+    errors = {}
+    for algorithm in ALGORITHMS:
+        libs[algorithm](data, packed, main_bias, cheap_w, tvm.runtime.tensor(b50), out)
+        errors[algorithm] = float(np.abs(out.numpy() - want).max() / max(float(np.abs(want).max()), 1e-30))
     mask_zero = float((np.maximum(pre + b50[0], 0) == 0).mean())
 
     xt, wt, bt = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
     measurements = {
         "torch": Timed(lambda: torch.relu(F.conv2d(xt, wt, bt, stride, k // 2))),
         "dense": timer(libs["dense"], cheap_bias(0.0)),
-        **{f"sparse {s:.2f}": timer(libs["sparse"], cheap_bias(s)) for s in SPARSITIES},
+        **{f"{a} {s:.2f}": timer(libs[a], cheap_bias(s)) for s in SPARSITIES for a in ALGORITHMS},
     }
     with torch.inference_mode():
         measure(measurements, args.repeat, args.repeat_ms / 1e3)
     medians = {key: timed.median_ms() for key, timed in measurements.items()}
-    sparse = {s: medians[f"sparse {s:.2f}"] for s in SPARSITIES}
+
+    def result(algorithm):
+        sparse = {s: medians[f"{algorithm} {s:.2f}"] for s in SPARSITIES}
+        return {
+            "sparse_ms": {f"{s:.2f}": v for s, v in sparse.items()},
+            "speedup_over_dense": {f"{s:.2f}": medians["dense"] / v for s, v in sparse.items()},
+            "speedup_over_torch": {f"{s:.2f}": medians["torch"] / v for s, v in sparse.items()},
+            "overhead_at_0": sparse[0.0] / medians["dense"] - 1,
+            "max_relative_error_at_50": errors[algorithm],
+            "passed": errors[algorithm] <= TOLERANCE,
+        }
+
     return {
         "layer": name,
         "torch_ms": medians["torch"],
         "dense_ms": medians["dense"],
-        "sparse_ms": {f"{s:.2f}": v for s, v in sparse.items()},
-        "speedup_over_dense": {f"{s:.2f}": medians["dense"] / v for s, v in sparse.items()},
-        "speedup_over_torch": {f"{s:.2f}": medians["torch"] / v for s, v in sparse.items()},
-        "overhead_at_0": sparse[0.0] / medians["dense"] - 1,
-        "max_relative_error_at_50": error,
         "mask_zero_fraction_at_50": mask_zero,
-        "passed": error <= TOLERANCE,
+        "compact_rows": shapes["compact"].rows,
+        "algorithms": {algorithm: result(algorithm) for algorithm in ALGORITHMS},
     }
 
 
 def table(rows):
-    heads = ["layer", "torch ms", "dense ms"] + [f"{s:.0%}" for s in SPARSITIES] + ["0% overhead", "ok"]
+    heads = ["layer", "algorithm", "torch ms", "dense ms"] + [f"{s:.0%}" for s in SPARSITIES] + ["0% overhead", "ok"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
-        cells = [r["layer"], f"{r['torch_ms']:.2f}", f"{r['dense_ms']:.2f}"]
-        cells += [f"{r['sparse_ms'][f'{s:.2f}']:.2f} ({r['speedup_over_dense'][f'{s:.2f}']:.2f}x)" for s in SPARSITIES]
-        cells += [f"{r['overhead_at_0']:+.1%}", "yes" if r["passed"] else "NO"]
-        lines.append("| " + " | ".join(cells) + " |")
+        for algorithm, a in r["algorithms"].items():
+            cells = [r["layer"], algorithm, f"{r['torch_ms']:.2f}", f"{r['dense_ms']:.2f}"]
+            cells += [f"{a['sparse_ms'][f'{s:.2f}']:.2f} ({a['speedup_over_dense'][f'{s:.2f}']:.2f}x)" for s in SPARSITIES]
+            cells += [f"{a['overhead_at_0']:+.1%}", "yes" if a["passed"] else "NO"]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def curves(rows, algorithm):
+    """(speed-up over dense, speed-up over torch) per sparsity, and the overhead at 0%: geomeans over layers."""
+    results = [r["algorithms"][algorithm] for r in rows]
+    curve = {f"{s:.2f}": geomean([a["speedup_over_dense"][f"{s:.2f}"] for a in results]) for s in SPARSITIES}
+    versus_torch = {f"{s:.2f}": geomean([a["speedup_over_torch"][f"{s:.2f}"] for a in results]) for s in SPARSITIES}
+    overhead = geomean([1 + a["overhead_at_0"] for a in results]) - 1
+    return curve, versus_torch, overhead
+
+
 def summary(rows):
-    curve = {f"{s:.2f}": geomean([r["speedup_over_dense"][f"{s:.2f}"] for r in rows]) for s in SPARSITIES}
-    versus_torch = {f"{s:.2f}": geomean([r["speedup_over_torch"][f"{s:.2f}"] for r in rows]) for s in SPARSITIES}
-    overhead = geomean([1 + r["overhead_at_0"] for r in rows]) - 1
-    lines = ["speed-up over the same kernel built dense (geomean over layers): "
-             + ", ".join(f"{float(s):.0%}: {v:.2f}x" for s, v in curve.items()),
-             "speed-up over PyTorch's dense conv (geomean): "
-             + ", ".join(f"{float(s):.0%}: {v:.2f}x" for s, v in versus_torch.items()),
-             f"overhead at 0% sparsity (cheap conv + mask + guard, geomean): {overhead:+.1%}",
-             (f"goals: >= 1.7x at 50% zeros -> {curve['0.50']:.2f}x ({'met' if curve['0.50'] >= 1.7 else 'NOT met'}); "
-              f"overhead at 0% < 10% -> {overhead:+.1%} ({'met' if overhead < 0.10 else 'NOT met'})")]
-    return lines, curve, versus_torch, overhead
+    lines, document = [], {}
+    for algorithm in ALGORITHMS:
+        curve, versus_torch, overhead = curves(rows, algorithm)
+        document[algorithm] = {"speedup_over_dense": curve, "speedup_over_torch": versus_torch, "overhead_at_0": overhead}
+        lines += [
+            f"{algorithm}: speed-up over the same kernel built dense (geomean over layers): "
+            + ", ".join(f"{float(s):.0%}: {v:.2f}x" for s, v in curve.items()),
+            f"{algorithm}: speed-up over PyTorch's dense conv (geomean): "
+            + ", ".join(f"{float(s):.0%}: {v:.2f}x" for s, v in versus_torch.items()),
+            f"{algorithm}: overhead at 0% sparsity (cheap conv + mask + guard, geomean): {overhead:+.1%}",
+            (f"{algorithm}: goals: >= 1.7x at 50% zeros -> {curve['0.50']:.2f}x "
+             f"({'met' if curve['0.50'] >= 1.7 else 'NOT met'}); overhead at 0% < 10% -> {overhead:+.1%} "
+             f"({'met' if overhead < 0.10 else 'NOT met'})"),
+        ]
+    # compact over skip per sparsity: > 1 where compaction wins
+    ratio = {f"{s:.2f}": geomean([r["algorithms"]["skip"]["sparse_ms"][f"{s:.2f}"]
+                                  / r["algorithms"]["compact"]["sparse_ms"][f"{s:.2f}"] for r in rows])
+             for s in SPARSITIES}
+    document["compact_over_skip"] = ratio
+    lines.append("compact's speed-up over skip (geomean): " + ", ".join(f"{float(s):.0%}: {v:.2f}x" for s, v in ratio.items()))
+    return lines, document
 
 
-def plot(rows, curve, path):
+STYLES = {"skip": "-o", "compact": "--s"}
+COLOURS = {"skip": "tab:blue", "compact": "tab:orange"}
+
+
+def plot(rows, document, path):
     try:
         import matplotlib
     except ImportError:
@@ -155,9 +196,13 @@ def plot(rows, curve, path):
 
     xs = [s * 100 for s in SPARSITIES]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.plot(xs, [r["speedup_over_dense"][f"{s:.2f}"] for s in SPARSITIES], alpha=0.4, lw=1, label=r["layer"])
-    ax.plot(xs, [curve[f"{s:.2f}"] for s in SPARSITIES], "k-o", lw=2.5, label="geomean")
+    for algorithm in ALGORITHMS:
+        for r in rows:
+            ax.plot(xs, [r["algorithms"][algorithm]["speedup_over_dense"][f"{s:.2f}"] for s in SPARSITIES],
+                    STYLES[algorithm][:-1], color=COLOURS[algorithm], alpha=0.25, lw=1)
+        curve = document[algorithm]["speedup_over_dense"]
+        ax.plot(xs, [curve[f"{s:.2f}"] for s in SPARSITIES], STYLES[algorithm], color=COLOURS[algorithm], lw=2.5,
+                label=f"{algorithm} (geomean; thin: layers)")
     ax.plot(xs, [1 / (1 - s) for s in SPARSITIES], "k:", lw=1, label="ideal 1 / (1 - s)")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("mask zero positions (%)")
@@ -203,24 +248,23 @@ def main(argv=None):
     rows = []
     for spec in shapes:
         rows.append(bench_shape(spec, target, args))
-        print(table(rows)[-1], flush=True)
+        print("\n".join(table(rows)[-len(ALGORITHMS):]), flush=True)
     info["loadavg_end"] = os.getloadavg()
-    lines, curve, versus_torch, overhead = summary(rows)
+    lines, document = summary(rows)
     machine = (f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, 1 thread; torch {info['torch']}, "
                f"TVM {info['tvm']}; {info['date']}; load average {info['loadavg_start'][0]:.2f} at the start (the "
                "machine is shared: absolute times are noisy, ratios are interleaved)")
-    legend = ("medians in ms; sparse columns: our kernel at that fraction of zero mask positions (speed-up over the "
-              "same kernel built dense)")
+    legend = ("medians in ms; sparse columns: our kernel (algorithm: skip the reduction of a zero position, or "
+              "compact the active positions and run a GEMM over them) at that fraction of zero mask positions "
+              "(speed-up over the same kernel built dense)")
     md = ["# LCCL sparse conv, host", "", machine, "", legend, "", *table(rows), "", *lines]
     print("\n".join(["", *lines]))
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "lccl-host.md").write_text("\n".join(md) + "\n")
-        document = {"machine": info, "layers": rows, "speedup_over_dense": curve, "speedup_over_torch": versus_torch,
-                    "overhead_at_0": overhead}
-        (RESULTS / "lccl-host.json").write_text(json.dumps(document, indent=2) + "\n")
-        plot(rows, curve, RESULTS / "lccl-host.png")
-    return 0 if all(r["passed"] for r in rows) else 1
+        (RESULTS / "lccl-host.json").write_text(json.dumps({"machine": info, "layers": rows, **document}, indent=2) + "\n")
+        plot(rows, document, RESULTS / "lccl-host.png")
+    return 0 if all(a["passed"] for r in rows for a in r["algorithms"].values()) else 1
 
 
 if __name__ == "__main__":

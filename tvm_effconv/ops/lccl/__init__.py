@@ -1,41 +1,100 @@
-"""LCCL (low-cost collaborative layer) for TVM: compute, schedules, import.
+"""LCCL (low-cost collaborative layer) for TVM: compute, schedules, dispatch, import.
 
-- ``compute``: the TE compute (padded input, cheap conv, mask, the main conv guarded by ``if mask != 0``,
-  the fused ReLU / product epilogue) and the weight packing;
-- ``reference``: the plain numpy reference of the sparse computation;
-- ``cpu``: the skip schedule for ARM NEON and x86 (a register tile of output channels for one position,
-  its whole reduction skipped where the mask is zero); ``cuda``: one thread per output element;
-- this module: the converter of ``torch.ops.effconv.lccl_conv2d`` that the frontend's table maps to it.
+- ``compute``: the TE compute (padded input, cheap conv, mask, the main conv in one of three algorithms,
+  the fused ReLU / product epilogue), the compaction stages of the "compact" algorithm, the weight packing;
+- ``reference``: the plain numpy reference of the sparse computation and of the compaction;
+- ``cpu``: the schedules for ARM NEON and x86: "skip" (a register tile of output channels for one position,
+  its whole reduction skipped where the mask is zero) and "compact" (the active positions listed, their
+  windows gathered, a dense GEMM over them); ``cuda``: "compact" (the list, then a GEMM over the active rows
+  x output channels);
+- this module: the dispatch of an algorithm per target, and the converter of ``torch.ops.effconv.lccl_conv2d``
+  that the frontend's table maps to it.
 
 The layer and the op's eager reference are in :mod:`tvm_effconv.nn.lccl`.
 """
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
 
 from . import compute, cpu
-from . import cuda as cuda_schedule  # noqa: F401 - registers the CUDA rule
+from . import cuda as cuda_schedule
 
 OP_NAME = "lccl_conv2d.default"
-# Output channels per weight vector on CUDA: one thread per output channel, no vector.
-CUDA_LANES = 1
 OPAQUE = 8  # tvm.relay's OpPatternKind.kOpaque, the op_pattern attribute FuseOps reads
 
+# The main-conv algorithm per target family (both CPU algorithms stay built and tested; see
+# :func:`forcing_algorithm`):
+# - x86: "compact", measured by bench/lccl.py on this host (Zen 2, AVX2, 1 thread; preliminary, a loaded
+#   machine, --quick: the two deepest 3x3 ResNet-18 layers): compact / skip geomean 1.98x at 0% zeros, 1.62x
+#   at 50%, 1.39x at 90%; its 6 x 2 register tile does 12 multiply-adds per 8 loads where skip's 1 x 4 does 4
+#   per 5, which outweighs the list, the gather and the write-back pass;
+# - arm: no ARM hardware measured (emulated timings are no speed); "compact" by the same count (6 x 4 tile:
+#   24 multiply-adds per 10 loads with NEON's 32 registers, skip 4 per 5);
+# - cuda: "compact", the only CUDA schedule: masked-out threads of a one-thread-per-element kernel would
+#   still hold their warp's slot while the others reduce.
+ALGORITHM = {"x86": "compact", "arm": "compact", "cuda": "compact"}
 
-def lanes(target, out_channels: int) -> int:
+# Set by :func:`forcing_algorithm`.
+_FORCED_ALGORITHM: ContextVar[str | None] = ContextVar("forced_lccl_algorithm", default=None)
+
+
+@contextmanager
+def forcing_algorithm(algorithm: str):
+    """Compile every LCCL layer with ``algorithm`` (one of ``compute.ALGORITHMS``) inside the block, whatever
+    the dispatch would pick: for benchmarking and testing the algorithms against each other."""
+    if algorithm not in compute.ALGORITHMS:
+        raise ValueError(f"lccl_conv2d: algorithm={algorithm!r} is not allowed; expected one of {compute.ALGORITHMS}")
+    token = _FORCED_ALGORITHM.set(algorithm)
+    try:
+        yield
+    finally:
+        _FORCED_ALGORITHM.reset(token)
+
+
+def target_family(target) -> str:
     if target.kind.name == "cuda":
-        return CUDA_LANES
+        return "cuda"
+    return "arm" if cpu.is_aarch64(target) else "x86"
+
+
+def algorithm_for(target) -> str:
+    """The algorithm of ``target``'s LCCL kernels: the forced one, else :data:`ALGORITHM` of its family."""
+    return _FORCED_ALGORITHM.get() or ALGORITHM[target_family(target)]
+
+
+def lanes(target, out_channels: int, mode: str) -> int:
+    """Output channels per weight vector. CPUs: the SIMD width. CUDA: "spatial" all K (the GEMM's weight rows
+    contiguous along the channels its threads run over), "channel" 1 (a list per channel: every zero element
+    is skipped)."""
+    if target.kind.name == "cuda":
+        return out_channels if mode == "spatial" else 1
     return compute.lanes_for(out_channels, cpu.vector_floats(target))
 
 
-def layer_shape(target, x_shape, main_weight_shape, stride, padding, dilation, mode: str) -> compute.LCCLShape:
+def layer_shape(target, x_shape, main_weight_shape, stride, padding, dilation, mode: str,
+                algorithm: str | None = None) -> compute.LCCLShape:
+    """The LCCLShape of a layer for ``target``, with ``algorithm`` (default: :func:`algorithm_for`)."""
     n, c, h, w = (int(d) for d in x_shape)
     k, c_w, kh, kw = (int(d) for d in main_weight_shape)
     if c_w != c:
         raise ValueError(f"lccl_conv2d: main_weight.shape={tuple(main_weight_shape)} does not match x.shape={tuple(x_shape)}: "
                          f"expected (K, {c}, R, S)")
+    algorithm = algorithm or algorithm_for(target)
+    cuda = target.kind.name == "cuda"
+    if cuda and algorithm != "compact":
+        raise ValueError(f"lccl_conv2d: algorithm={algorithm!r} has no CUDA schedule; CUDA runs 'compact'")
+    if algorithm != "compact":
+        rows, tile_vectors = 1, 1
+    elif cuda:
+        rows, tile_vectors = cuda_schedule.ROWS, 1  # the CUDA schedule's channel tile is its own knob
+    else:
+        rows, tile_vectors = cpu.compact_tile(target)
     return compute.LCCLShape(
         n, c, h, w, k, (kh, kw), tuple(int(v) for v in stride), tuple(int(v) for v in padding),
-        tuple(int(v) for v in dilation), str(mode), lanes(target, k),
+        tuple(int(v) for v in dilation), str(mode), lanes(target, k, str(mode)), algorithm, rows, tile_vectors,
+        gather=algorithm == "compact" and not cuda,
     )
 
 
@@ -55,13 +114,13 @@ def constants_of(shape: compute.LCCLShape, main_weight, main_bias, cheap_weight,
     ]
 
 
-def emit(bb, x, shape: compute.LCCLShape, values: list[np.ndarray], sparse: bool = True, name: str = "lccl_conv2d"):
+def emit(bb, x, shape: compute.LCCLShape, values: list[np.ndarray], name: str = "lccl_conv2d"):
     """Add the kernel's PrimFunc to ``bb`` and emit its call on ``x`` with ``values`` as constants."""
     from tvm import relax, te
 
     holders = [te.placeholder((shape.batch, shape.in_channels, shape.height, shape.width), "float32", "x")]
     holders += [te.placeholder(v.shape, "float32", n) for v, n in zip(values, ("main_weight", "main_bias", "cheap_weight", "cheap_bias"))]
-    func = compute.prim_func(shape, *holders, sparse=sparse)
+    func = compute.prim_func(shape, *holders)
     # Opaque (op_pattern 8) to FuseOps: FuseTIR cannot merge this hand-built function with its neighbours (it
     # maps their buffers inconsistently); the epilogue is already fused inside it.
     func = func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)

@@ -1,38 +1,71 @@
-"""CUDA schedule of the LCCL kernel (rule ``effconv_lccl_conv2d`` for the ``cuda`` target key).
+"""CUDA schedule of the LCCL kernel (rule ``effconv_lccl_conv2d`` for the ``cuda`` target key): compaction,
+then a dense kernel over the active rows only.
 
-Kernels: the padded input, the cheap conv and the mask each get one thread per output element (reductions
-serial in a register); then the main conv, one thread per output element (n, k, p, q), threads along the
-output columns (coalesced input reads and output writes, one weight shared by the threads of a block row).
-Each thread tests its position's mask and runs the reduction only where it is non-zero, then writes
-``relu(acc + b) * mask`` or 0 through the fused epilogue.
+The compute is the "compact" algorithm (:mod:`.compute`): one list per image ("spatial" mode) or per image
+and output channel ("channel" mode, ``lanes`` = 1: every zero element is skipped, not just whole
+positions). Kernels, in launch order:
 
-Knobs (defaults in brackets): ``knobs.choice(THREADS)`` threads per block [128];
-``knobs.choice(UNROLL_CHOICES)`` the main kernel's ``pragma_auto_unroll_max_step`` [64].
+1. the padded input and the cheap conv, one thread per element (the cheap conv's bias + ReLU, and the
+   activity test of the compaction, inlined into their readers);
+2. the compaction, five kernels of one thread per element, each a short serial reduction in a register
+   (rows' counts, their offsets = the prefix sum over rows, ranks within rows, then per list entry its row
+   and column): no shared memory and no barrier, every thread independent, so each stage is a plain TE
+   block; its ``O(P + Q)`` work per unit is noise beside the conv's ``C R S`` multiply-adds per channel;
+3. the GEMM over the list: threads over (list entries x output channels): ``threadIdx.x`` along the
+   channels (the weights are packed ``[1, C, R, S, K]`` in "spatial" mode, so a warp's weight loads are
+   contiguous and its input loads one broadcast), ``threadIdx.y`` along the entries; each thread
+   accumulates a register tile of ``ROWS`` entries x ``ji`` channels over (c, r, s), reading the input
+   windows through the list. The grid covers the worst case (every unit active); the guard
+   ``t // ROWS * ROWS < count`` is invariant in a thread's tile, so threads (and whole blocks) past the count
+   skip the reduction;
+4. the write: one thread per output element, ``mask > 0 ? relu(acc[rank] + b) * mask : 0`` with any fused
+   elementwise consumer inlined: zeros where the mask is zero, the GEMM's row of the position elsewhere.
 
-Not done (issue 7 asks for it): compaction of the active positions by a prefix sum and a dense kernel on
-the active rows; masked-out threads here still occupy their warp's slot while the others reduce.
+Register tiles only, no shared memory: the kernels stay checkable on a machine without a GPU, by running
+their CUDA C thread by thread (tests/test_lccl_kernel.py).
+
+Knobs (defaults in brackets): ``knobs.tile`` of the list's tiles of ``ROWS`` entries into (blocks,
+threads) [threads up to ``THREADS`` / channel threads]; of the channels into (blocks, threads, per thread)
+[per thread up to 2, threads up to 32]; ``knobs.choice(UNROLL_CHOICES)`` the GEMM's
+``pragma_auto_unroll_max_step`` [64].
 """
 
-from ...schedule_rules import inline_consumers, register_rule
-from ..cuda_common import bind_flat, is_bound
-from .compute import SCHEDULE_RULE
+from ...schedule_rules import inline_consumers, inline_producers, register_rule
+from ..cuda_common import MAX_INNER, UNROLL_CHOICES, bind_unbound, extent, largest_divisor
+from .compute import ACTIVE_BLOCK, MASK_BLOCK, OUT_BLOCK, PAD_BLOCK, SCHEDULE_RULE
 
-THREADS = (64, 128, 256)
-UNROLL_CHOICES = (0, 16, 64, 512)
+ROWS = 2  # list entries per thread (the compute's guard granularity)
+THREADS = 128  # default threads per block of the GEMM
+CHANNEL_THREADS = 32  # default threads along the output channels: a warp's weight loads in one line
+DEFAULT_UNROLL = 64
 
 
 @register_rule(SCHEDULE_RULE, ["cuda"])
 def schedule_lccl_cuda(sch, main, knobs, variant="default"):
-    write_out = sch.cache_write(main, 0, "local")
-    inline_consumers(sch, write_out)
-    n, k, p, q, c, *_ = sch.get_loops(main)
-    bx, tx = sch.split(sch.fuse(n, k, p, q), [None, knobs.choice(THREADS, 128)])
+    inline_producers(sch, sch.get_sblock(PAD_BLOCK))
+    for name in (MASK_BLOCK, ACTIVE_BLOCK):  # elementwise: into their readers' loads
+        sch.compute_inline(sch.get_sblock(name))
+
+    n, l, t, j, c, r, s = sch.get_loops(main)
+    to, ti = sch.split(t, [None, ROWS])
+    channels = extent(sch, j)
+    ji = largest_divisor(channels, 2)
+    jt = largest_divisor(channels // ji, CHANNEL_THREADS)
+    jb, jt, ji = sch.split(j, knobs.tile(j, 3, [channels // (jt * ji), jt, ji], max_innermost=MAX_INNER))
+    tiles = extent(sch, to)
+    tt = largest_divisor(tiles, THREADS // extent(sch, jt))
+    tb, tt = sch.split(to, knobs.tile(to, 2, [tiles // tt, tt]))
+    sch.reorder(n, l, tb, jb, tt, jt, c, r, s, ti, ji)
+    bx = sch.fuse(n, l, tb)
     sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    sch.annotate(bx, "pragma_auto_unroll_max_step", knobs.choice(UNROLL_CHOICES, 64))
+    sch.bind(jb, "blockIdx.y")
+    sch.bind(tt, "threadIdx.y")
+    sch.bind(jt, "threadIdx.x")
+    sch.annotate(bx, "pragma_auto_unroll_max_step", knobs.choice(UNROLL_CHOICES, DEFAULT_UNROLL))
     sch.annotate(bx, "pragma_unroll_explicit", 0)
-    sch.reverse_compute_at(write_out, tx, preserve_unit_loops=True)
+    accumulators = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(accumulators, jt, preserve_unit_loops=True)
     sch.decompose_reduction(main, c)
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if not is_bound(sch, block):
-            bind_flat(sch, block)
+
+    inline_consumers(sch, sch.get_sblock(OUT_BLOCK))
+    bind_unbound(sch)

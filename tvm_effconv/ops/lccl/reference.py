@@ -1,8 +1,9 @@
-"""Plain numpy reference of the LCCL kernels' sparse computation, beside the TVM kernel it checks.
+"""Plain numpy reference of the LCCL kernels' sparse computation, beside the TVM kernels it checks.
 
 The mask first (the cheap conv, bias, ReLU), then the main conv evaluated only at the (n, position) or
 (n, channel, position) entries whose mask is non-zero, in float64; exact zeros elsewhere. The op's eager
 implementation (``torch.ops.effconv.lccl_conv2d``) computes the same function; the tests check all three.
+:func:`compaction` lists the active units the "compact" kernels compute, for checking their list stages.
 """
 
 import numpy as np
@@ -52,3 +53,15 @@ def lccl_conv2d(x, main_weight, main_bias, cheap_weight, cheap_bias, stride, pad
         for n, k, p, q in zip(*np.nonzero(m)):
             y[n, k, p, q] = max(weight[k] @ cols[n, :, p, q] + bias[k], 0.0) * m[n, k, p, q]
     return y
+
+
+def compaction(mask, mode, lanes):
+    """The lists of the "compact" kernels: for each image and list (one per image "spatial", one per weight
+    vector of ``lanes`` channels "channel"), the raster indices p * Q + q of its active units in order.
+    A unit is active where its mask (any lane's, "channel") is positive."""
+    n_, k_, oh, ow = mask.shape
+    if mode == "spatial":
+        active = mask > 0
+    else:
+        active = (mask.reshape(n_, k_ // lanes, lanes, oh, ow) > 0).any(axis=2)
+    return [[np.flatnonzero(active[n, l]) for l in range(active.shape[1])] for n in range(n_)]
