@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from tvm_effconv.compile import compile_model
 from tvm_effconv.device import emulator
@@ -99,6 +100,27 @@ def test_records_of_another_target_are_not_applied(tuned, tmp_path):
     found = load_records(folder, get_preset("host").target)
     assert found.database is None
     assert any("another target" in p for p in found.problems)
+
+
+def test_one_folder_keeps_the_records_of_several_cpus(tuned, tmp_path):
+    folder = _copy(tuned[0], tmp_path)
+    target = get_preset("host").target
+    ours = load_records(folder, target)
+    # The same records as if tuned on another x86 CPU too: one folder serves both machines.
+    records = [json.loads(line) for line in (folder / RECORD_FILE).read_text().splitlines()]
+    for _, (_, _, other, _) in records:
+        other["mcpu"] = "cascadelake"
+    with (folder / RECORD_FILE).open("a") as file:
+        file.write("".join(json.dumps(record) + "\n" for record in records))
+    found = load_records(folder, target)
+    assert found.records == ours.records and found.problems == []
+    assert any("another target" in note and "cascadelake" in note for note in found.notes)
+    prune(folder, target, quiet)  # keeps the best per workload *and target*
+    assert len((folder / RECORD_FILE).read_text().splitlines()) == 2 * ours.workloads
+    cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})
+    assert load_records(folder, cascadelake).records == ours.workloads
+    out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
+    assert json.loads((out / "manifest.json").read_text())["records"]["notes"]
 
 
 def test_a_records_folder_of_garbage_never_crashes_compile(tmp_path):

@@ -134,6 +134,8 @@ def compile_model(
     found = load_records(folder, preset.target)
     for problem in found.problems:
         log(f"warning: {problem}")
+    for note in found.notes:
+        log(f"note: {note}")
     if found.unmeasured:
         log(f"note: {found.unmeasured} of the {found.records} records in {folder} are builder-only (default schedules, "
             f"never measured on a device); tune on a device to replace them: python -m tvm_effconv.tune {model} "
@@ -205,6 +207,7 @@ def compile_model(
                 "directory": str(folder),
                 "files": found.files,
                 "problems": found.problems,
+                "notes": found.notes,
                 "unmeasured": found.unmeasured,
                 "applied": report.from_records,
                 "missing": report.default_schedule,

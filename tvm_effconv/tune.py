@@ -267,10 +267,8 @@ def merge_into_records(folder: Path, work: Path | None, target, log, extra=()) -
     the workloads written."""
     from tvm.s_tir import meta_schedule as ms
 
-    sources = list(extra)
     current = load_records(folder, target)
-    if current.database is not None:
-        sources.append(current.database)
+    sources = [*extra, current.database, current.other_targets]
     if work is not None and (work / RECORD_FILE).is_file():
         sources.append(ms.database.JSONDatabase(work_dir=str(work)))
     records = best_records(sources)
@@ -442,7 +440,7 @@ def prune(folder: Path, target, log) -> None:
         log(f"warning: {problem}")
     if found.database is None:
         raise EffconvError(f"{folder} holds no usable records to prune")
-    kept = best_records([found.database])
+    kept = best_records([found.database, found.other_targets])
     write_records(folder, kept)
     after = _database_bytes(folder)
     log(f"pruned {folder}: {found.records} record(s) -> {len(kept)} (best per workload), {before} -> {after} bytes")

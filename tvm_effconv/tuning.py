@@ -3,9 +3,11 @@
 Records of a preset are committed in ``schedules/<preset>/`` in MetaSchedule's JSON database format:
 ``database_workload.json`` (one workload per line: structural hash + the TIR module) and
 ``database_tuning_record.json`` (one measured schedule per line: workload index, trace, run times,
-target, argument info). Reading is line by line: a corrupt line, a record for another target or a
-foreign file is reported and skipped, and the rest is used. Writing merges, keeps the best record per
-workload, and replaces the folder in one rename, so a reader never sees half a database.
+target, argument info). Reading is line by line: a corrupt line or a foreign file is reported and
+skipped, and the rest is used. Records for other targets are kept but never applied: one folder may hold
+the records of several CPUs (the ``host`` preset is whatever CPU LLVM detects), and a folder with none
+for this target is reported as the wrong one. Writing merges, keeps the best record per workload and
+target, and replaces the folder in one rename, so a reader never sees half a database.
 """
 
 import hashlib
@@ -38,11 +40,13 @@ class Records:
 
     directory: Path
     database: object = None
+    other_targets: object = None  # a database of the records tuned for other targets (kept when merging)
     workloads: int = 0
     records: int = 0
     unmeasured: int = 0  # builder-only records among ``records``
     files: dict = field(default_factory=dict)  # file name -> sha256
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def records_dir(preset_name: str, override: str | os.PathLike | None = None) -> Path:
@@ -96,7 +100,7 @@ def load_records(directory: Path, target) -> Records:
             workloads.append(None)
 
     want = target_identity(target)
-    database = ms.database.MemoryDatabase()
+    database, others = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()
     foreign_targets: dict[str, int] = {}
     for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):
         if value is None:
@@ -112,22 +116,28 @@ def load_records(directory: Path, target) -> Records:
             found.problems.append(f"{RECORD_FILE} line {number} is not a valid tuning record; skipped it")
             continue
         have = target_identity(record.target)
+        into = database if have == want else others
+        into.commit_tuning_record(
+            ms.database.TuningRecord(
+                record.trace, into.commit_workload(workload.mod), record.run_secs, record.target, record.args_info
+            )
+        )
         if have != want:
             key = json.dumps(have, sort_keys=True)
             foreign_targets[key] = foreign_targets.get(key, 0) + 1
             continue
-        database.commit_tuning_record(
-            ms.database.TuningRecord(
-                record.trace, database.commit_workload(workload.mod), record.run_secs, record.target, record.args_info
-            )
-        )
         found.records += 1
         found.unmeasured += is_unmeasured(record)
     for key, count in foreign_targets.items():
-        found.problems.append(
-            f"{count} record(s) in {directory} were tuned for another target {key}, not {json.dumps(want, sort_keys=True)}; "
-            "ignored them (tune for this preset, or pass the right --records folder)"
-        )
+        if found.records:
+            found.notes.append(f"{directory} also holds {count} record(s) for another target {key}; not applied here")
+        else:
+            found.problems.append(
+                f"{count} record(s) in {directory} were tuned for another target {key}, not "
+                f"{json.dumps(want, sort_keys=True)}; ignored them (tune for this preset, or pass the right --records folder)"
+            )
+    if foreign_targets:
+        found.other_targets = others
     if found.records:
         found.database = database
         found.workloads = len({str(r.workload.as_json()[0]) for r in database.get_all_tuning_records()})
@@ -143,14 +153,17 @@ def mean_seconds(run_secs) -> float:
 
 
 def best_records(databases) -> list:
-    """The fastest successful record of every workload found in ``databases``."""
+    """The fastest successful record of every (workload, target) found in ``databases`` (None: skipped)."""
     best: dict = {}
     for database in databases:
+        if database is None:
+            continue
         for record in database.get_all_tuning_records():
             if not record.run_secs:
                 continue
             seconds = mean_seconds(record.run_secs)
-            key = tuple(str(part) for part in record.workload.as_json())  # (structural hash, module)
+            # (structural hash, module, target identity)
+            key = (*(str(part) for part in record.workload.as_json()), json.dumps(target_identity(record.target)))
             if key not in best or seconds < best[key][0]:
                 best[key] = (seconds, record)
     return [record for _, record in sorted(best.values(), key=lambda item: item[0])]
