@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from test_dsconv_kernel import assert_close, run_remote
-from test_varg_kernel import compile_model, cuda_target, expected, needs_nvcc, run_local
+from test_varg_kernel import compile_model, cuda_target, needs_nvcc, run_local
 from test_varg_layer import one_thread, randomize  # noqa: F401 - one_thread: the module's autouse fixture
 
 from tvm_effconv import build as builder

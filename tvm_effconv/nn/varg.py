@@ -162,10 +162,13 @@ def varg_separable(
 
 
 @varg_separable.register_fake
-def _varg_separable_fake(x, group_weight, *args):
-    stride, padding = args[11], args[12]
+def _varg_separable_fake(
+    x, group_weight, group_bn_weight, group_bn_bias, group_bn_mean, group_bn_var, group_slope, pointwise_weight,
+    pointwise_bn_weight, pointwise_bn_bias, pointwise_bn_mean, pointwise_bn_var, pointwise_slope, stride, padding,
+    groups, eps, group_activation, pointwise_activation,
+):
     out_size = conv2d_output_size(x.shape[2:], group_weight.shape[2:], stride, padding, (1, 1))
-    return x.new_empty(x.shape[0], args[5].shape[0], *out_size)
+    return x.new_empty(x.shape[0], pointwise_weight.shape[0], *out_size)
 
 
 class VarGSeparable(nn.Module):
