@@ -26,10 +26,12 @@ OPAQUE = 8  # tvm.relay's OpPatternKind.kOpaque, the op_pattern attribute FuseOp
 
 # The main-conv algorithm per target family (both CPU algorithms stay built and tested; see
 # :func:`forcing_algorithm`):
-# - x86: "compact", measured by bench/lccl.py on this host (Zen 2, AVX2, 1 thread; preliminary, a loaded
-#   machine, --quick: the two deepest 3x3 ResNet-18 layers): compact / skip geomean 1.98x at 0% zeros, 1.62x
-#   at 50%, 1.39x at 90%; its 6 x 2 register tile does 12 multiply-adds per 8 loads where skip's 1 x 4 does 4
-#   per 5, which outweighs the list, the gather and the write-back pass;
+# - x86: "compact", measured by bench/lccl.py on this host (AMD EPYC Zen 2, AVX2, 1 thread, the seven 3x3
+#   ResNet-18 layers, interleaved; preliminary: a shared machine at load ~3.4 on 2 cores): compact / skip
+#   geomean 1.57x at 0%, 25% and 50% zeros, 1.41x at 75%, 1.20x at 90%; compact beat skip on 6 of 7 layers at
+#   every sparsity; on 64 -> 64 at 56 x 56, where its gather copies the most per multiply-add, 0.84x at 0%,
+#   1.15x at 50%, 1.00x at 90%. Its 6 x 2 register tile does 12 multiply-adds per 8 loads where skip's 1 x 4
+#   does 4 per 5, which outweighs the list, the gather and the write-back pass;
 # - arm: no ARM hardware measured (emulated timings are no speed); "compact" by the same count (6 x 4 tile:
 #   24 multiply-adds per 10 loads with NEON's 32 registers, skip 4 per 5);
 # - cuda: "compact", the only CUDA schedule: masked-out threads of a one-thread-per-element kernel would

@@ -61,8 +61,9 @@ the input is copied channels-last (``lccl_pad_nhwc``) and the active rows' windo
 and the GEMM reduces over (r, s, c) along it; without (CUDA, where the copy would cost a round trip through
 memory), the GEMM reads ``x_pad`` through the list.
 
-Weights are packed at compile time (:func:`pack_weights`) as ``[K / lanes, C, R, S, lanes]`` so that the
-schedule vectorises over ``lanes`` output channels; ``lanes`` divides K (see :func:`lanes_for`).
+Weights are packed at compile time (:func:`pack_weights`) as ``[K / lanes, C, R, S, lanes]`` (``[K / lanes,
+R, S, C, lanes]`` with the gather, in its reduction order) so that the schedule vectorises over ``lanes``
+output channels; ``lanes`` divides K (see :func:`lanes_for`).
 """
 
 import functools
@@ -163,6 +164,17 @@ class LCCLShape:
         return self.out_channels // self.lists
 
     @property
+    def channels_last(self) -> bool:
+        """Whether the main conv reduces over (r, s, c), along the gathered windows' rows (and the packed weights
+        follow, so that a weight vector's reduction steps are contiguous)."""
+        return self.algorithm == "compact" and self.gather
+
+    @property
+    def packed_weight_shape(self) -> tuple[int, ...]:
+        taps = (*self.kernel, self.in_channels) if self.channels_last else (self.in_channels, *self.kernel)
+        return (self.vectors, *taps, self.lanes)
+
+    @property
     def list_rows(self) -> int:
         """Rows allocated per list: every output position, rounded up to a multiple of ``rows``."""
         positions = self.out_size[0] * self.out_size[1]
@@ -178,15 +190,15 @@ def lanes_for(out_channels: int, vector: int) -> int:
 
 
 def pack_weights(shape: LCCLShape, weight: np.ndarray) -> np.ndarray:
-    """(K, C, R, S) -> (K / lanes, C, R, S, lanes), float32."""
+    """(K, C, R, S) -> (K / lanes, C, R, S, lanes), or (K / lanes, R, S, C, lanes) where the main conv reduces
+    channels last (:attr:`LCCLShape.channels_last`); float32."""
     k_, c_, r_, s_ = weight.shape
-    return np.ascontiguousarray(
-        weight.astype(np.float32).reshape(k_ // shape.lanes, shape.lanes, c_, r_, s_).transpose(0, 2, 3, 4, 1)
-    )
+    vectors = weight.astype(np.float32).reshape(k_ // shape.lanes, shape.lanes, c_, r_, s_)
+    return np.ascontiguousarray(vectors.transpose((0, 3, 4, 2, 1) if shape.channels_last else (0, 2, 3, 4, 1)))
 
 
 def lccl_conv2d(shape: LCCLShape, x, main_weight, main_bias, cheap_weight, cheap_bias, annotations=None):
-    """TE tensors of the LCCL op. ``main_weight`` packed ``(K / lanes, C, R, S, lanes)``; ``main_bias`` (K,);
+    """TE tensors of the LCCL op. ``main_weight`` packed (:attr:`LCCLShape.packed_weight_shape`); ``main_bias`` (K,);
     ``cheap_weight`` as the op takes it (spatial ``(1, C, R, S)``, channel ``(K, C, 1, 1)``); ``cheap_bias``
     (1,) or (K,). Returns the output (N, K, P, Q) float32."""
     from tvm import te, tirx
@@ -248,16 +260,17 @@ def _mask(s: LCCLShape, x_pad, cheap_weight, cheap_bias):
     )
 
 
-def _window_sum(s: LCCLShape, main_weight, k, tap, channels_last: bool = False):
+def _window_sum(s: LCCLShape, main_weight, k, tap):
     """sum_{c, r, s} W[k, c, r, s] * tap(c, r, s), over the packed weights; the reduction runs (c, r, s), or
-    (r, s, c) with ``channels_last``."""
+    (r, s, c) where the shape is :attr:`~LCCLShape.channels_last`."""
     from tvm import te
 
     c = te.reduce_axis((0, s.in_channels), name="c")
     r = te.reduce_axis((0, s.kernel[0]), name="r")
     s_ = te.reduce_axis((0, s.kernel[1]), name="s")
-    return te.sum(main_weight[k // s.lanes, c, r, s_, k % s.lanes] * tap(c, r, s_),
-                  axis=[r, s_, c] if channels_last else [c, r, s_])
+    if s.channels_last:
+        return te.sum(main_weight[k // s.lanes, r, s_, c, k % s.lanes] * tap(c, r, s_), axis=[r, s_, c])
+    return te.sum(main_weight[k // s.lanes, c, r, s_, k % s.lanes] * tap(c, r, s_), axis=[c, r, s_])
 
 
 def _direct_conv(s: LCCLShape, x_pad, mask, main_weight, attrs):
@@ -359,7 +372,7 @@ def _compact_conv(s: LCCLShape, x_pad, mask, main_weight, attrs):
     main = te.compute(
         (*rows, s.list_channels),
         lambda n, l, t, j: _window_sum(
-            s, main_weight, l * s.list_channels + j, lambda c, r, s_: tap(n, l, t, c, r, s_), channels_last=s.gather
+            s, main_weight, l * s.list_channels + j, lambda c, r, s_: tap(n, l, t, c, r, s_)
         ),
         name=MAIN_BLOCK,
         attrs=attrs,
