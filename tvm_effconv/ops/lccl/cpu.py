@@ -3,7 +3,8 @@
 "skip" (and "dense", its unguarded twin): skip the whole reduction of a zero position, vectorised over
 output channels. The register tile is ``kv`` weight vectors (``lanes`` output channels each) for ONE output
 position. Its reduction loops (c, r, s) sit inside the position loops, so the guard ``mask != 0`` is
-invariant in them and TVM's HoistIfThenElse pass lifts it out: per position, ``if mask != 0`` then the
+invariant in them and LLVM lifts it out (TVM's HoistIfThenElse leaves conditions that load from a buffer
+in place; the generated x86 code tests the mask once per position): per position, ``if mask != 0`` then the
 tile's accumulators run the whole reduction (one broadcast input and ``kv`` weight vectors per step, fused
 multiply-adds), else nothing. The tile is written once through the fused epilogue
 ``mask > 0 ? relu(acc + b) * mask : 0``. "channel" mode decides per weight vector (the gate is the max of
