@@ -159,23 +159,25 @@ def converter(target, constants: dict, folded: set):
                 n, c, h, w, codes.shape[0], tuple(codes.shape[2:]), tuple(stride), tuple(padding), tuple(dilation),
                 int(groups), c // int(groups), dot.lanes,
             )
+            window_shape, _ = bitserial_shape(target, n, c, h, w, codes, *geometry, weight_bits, act_bits)
             weight_offset = 0
-            # one block per group: a per-output-channel scale on every tap, and -sw * zw on the window's
-            # activation sum (the DSConv kernel's KDS bias term)
+            # One block per group with a per-output-channel scale on every tap computes sa * sw * sum qa qw;
+            # the weights' zero point, sa * sw * zw * (the window's code sum), does not depend on the tap
+            # and is subtracted once per output (as the KDS bias term, once per tap, it cost 4x here).
             taps = (1, 1, *codes.shape[2:])
             tensors = dsconv_compute.pack_constants(
                 shape, codes, np.broadcast_to(weight_scale[:, None, None, None], codes.shape[:1] + taps[1:]),
-                np.broadcast_to((-weight_scale * weight_zero_point)[:, None, None, None], codes.shape[:1] + taps[1:]),
-                np.ones(codes.shape[0]), bias, act_scale, dot.act_offset,
+                None, np.ones(codes.shape[0]), bias, act_scale, dot.act_offset,
             )
             tensors = {key: value for key, value in tensors.items() if value is not None}
+            tensors["zero_scale"] = (act_scale * weight_scale * weight_zero_point).astype(np.float32)
 
-            def kernel(x_codes, weights, scale, bias, offset=None, bias_scale=None, tap_correction=None):
+            def kernel(x_codes, weights, scale, bias, zero_scale, offset=None, tap_correction=None):
                 out = dsconv_compute.dsconv2d(
-                    shape, x_codes, weights, scale, bias, offset, bias_scale, None, dot.act_offset,
+                    shape, x_codes, weights, scale, bias, offset, None, None, dot.act_offset,
                     {**annotations, DOT_ANNOTATION: dot.intrinsic},
                 )
-                return out if tap_correction is None else compute.add_zero_point_correction(shape, out, tap_correction)
+                return compute.add_zero_point_terms(window_shape, out, x_codes, zero_scale, tap_correction)
 
         correction = compute.tap_correction(codes, weight_scale, weight_zero_point, act_scale, act_zero_point, weight_offset)
         if correction is not None:

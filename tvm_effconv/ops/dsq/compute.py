@@ -350,9 +350,17 @@ def zero_point_correction(geometry, tap_correction):
     return te.compute((int(tap_correction.shape[0]), *g.out_size), correct, name="qconv2d_zero_point_correction")
 
 
-def add_zero_point_correction(geometry, out, tap_correction):
-    """``out`` (float32 NCHW) plus :func:`zero_point_correction`, for a kernel without it."""
+def add_zero_point_terms(shape: QConvShape, out, codes, zero_scale, tap_correction=None):
+    """The epilogue of a kernel that computes ``out`` = sa sw[k] sum qa qw (+ bias) alone, float32 NCHW:
+    minus ``zero_scale[k]`` (sa sw[k] zw[k]) times each window's code sum, plus :func:`zero_point_correction`
+    where the activations have a zero point."""
     from tvm import te
 
-    correction = zero_point_correction(geometry, tap_correction)
-    return te.compute(out.shape, lambda n, k, y, x: out[n, k, y, x] + correction[k, y, x], name="qconv2d_add_correction")
+    window = window_sum(shape, codes)
+    correction = None if tap_correction is None else zero_point_correction(shape, tap_correction)
+
+    def value(n, k, y, x):
+        v = out[n, k, y, x] - zero_scale[k] * window[n, k // shape.group_out, y, x].astype("float32")
+        return v if correction is None else v + correction[k, y, x]
+
+    return te.compute(out.shape, value, name="qconv2d_zero_point_terms")
