@@ -177,3 +177,24 @@ def test_cli_prints_one_line_error_without_traceback(model_files, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "--trust-pickle" in result.stderr
+
+
+def _effconv_layers():
+    from tvm_effconv.nn import DSQConv2d, LCCLConv2d, VarGSeparable
+
+    return {
+        "dsq": DSQConv2d(8, 8, 3, padding=1, weight_bits=2, act_bits=2),
+        "lccl": LCCLConv2d(8, 8, 3, padding=1),
+        "varg": VarGSeparable(8, 8),
+    }
+
+
+@pytest.mark.parametrize("op", ["dsq", "lccl", "varg"])
+def test_saved_archives_of_effconv_ops_load_in_a_fresh_process(op, tmp_path):
+    """Loading registers every effconv op first: a fresh process has imported none of the layers."""
+    layer = _effconv_layers()[op].eval()
+    path = tmp_path / f"{op}.pt2"
+    torch.export.save(torch.export.export(layer, (torch.rand(1, 8, 6, 6),)), str(path))
+    script = f"from tvm_effconv import frontend; print(frontend.load_model({str(path)!r}, [], False).kind)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

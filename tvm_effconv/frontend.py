@@ -65,7 +65,7 @@ def constant_argument(constants: dict, arg, op: str, name: str):
 
 
 # effconv ops that quantize their input activations (verification allows rounding flips, see verify.py)
-QUANTIZING_OPS = ("dsconv2d.default", "qconv2d.default")
+QUANTIZING_OPS = ("dsconv2d.default", "qconv2d.default", "varg_qconv2d.default")
 
 
 def quantized_ops(exported) -> list[str]:

@@ -1,4 +1,7 @@
-"""PyTorch layers with efficient convolutions, and the ``effconv::`` torch ops their eval mode calls."""
+"""PyTorch layers with efficient convolutions, and the ``effconv::`` torch ops their eval mode calls.
+
+Importing this package registers every ``effconv::`` op, which loading a saved ``torch.export`` archive
+that calls them needs."""
 
 from .dsconv import (
     ConversionEntry,
@@ -10,7 +13,18 @@ from .dsconv import (
     dsconv2d,
     quantize_activations,
 )
-from .dsq import DSQConv2d, convert_to_dsq, dsq_quantize, qconv2d, qconv2d_integer_terms
+from .dsq import DSQConv2d, DSQLinear, convert_to_dsq, dsq_quantize, qconv2d, qconv2d_integer_terms
+from .lccl import LCCLBasicBlock, LCCLConv2d, calibrate_mask_sparsity, convert_to_lccl, lccl_conv2d
+from .varg import (
+    QuantizedVarGConv2d,
+    VarGConv2d,
+    VarGDownsampleBlock,
+    VarGNormalBlock,
+    VarGSeparable,
+    quantize_varg,
+    varg_qconv2d,
+    varg_separable,
+)
 
 __all__ = [
     "ConversionEntry",
@@ -22,4 +36,15 @@ __all__ = [
     "dsconv2d",
     "quantize_activations",
 ]
-__all__ += ["DSQConv2d", "convert_to_dsq", "dsq_quantize", "qconv2d", "qconv2d_integer_terms"]
+__all__ += ["DSQConv2d", "DSQLinear", "convert_to_dsq", "dsq_quantize", "qconv2d", "qconv2d_integer_terms"]
+__all__ += ["LCCLBasicBlock", "LCCLConv2d", "calibrate_mask_sparsity", "convert_to_lccl", "lccl_conv2d"]
+__all__ += [
+    "QuantizedVarGConv2d",
+    "VarGConv2d",
+    "VarGDownsampleBlock",
+    "VarGNormalBlock",
+    "VarGSeparable",
+    "quantize_varg",
+    "varg_qconv2d",
+    "varg_separable",
+]
