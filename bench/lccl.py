@@ -16,7 +16,7 @@ mask. Timed interleaved (one repeat of each in turn, see bench/common.py), media
 kernels are checked against the numpy reference (tvm_effconv.ops.lccl.reference) at 50%. Writes
 bench/results/lccl-host.{md,json,png} (the PNG needs matplotlib).
 
-    python bench/lccl.py [--repeat 10] [--repeat-ms 20] [--quick]
+    python bench/lccl.py [--repeat 10] [--repeat-ms 20] [--quick] [--out STEM]
 """
 
 import argparse
@@ -227,7 +227,10 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--repeat-ms", type=float, default=20.0)
     parser.add_argument("--quick", action="store_true", help="two shapes, short repeats, no result files")
+    parser.add_argument("--out", type=Path, help="results path without suffix (default bench/results/lccl-host; "
+                        "with --quick, result files only where given)")
     args = parser.parse_args(argv)
+    out = args.out or (None if args.quick else RESULTS / "lccl-host")
     import tvm
 
     from tvm_effconv.targets import get_preset
@@ -267,11 +270,11 @@ def main(argv=None):
               "(speed-up over the same kernel built dense)")
     md = ["# LCCL sparse conv, host", "", machine, "", legend, "", *table(rows), "", *lines]
     print("\n".join(["", *lines]))
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "lccl-host.md").write_text("\n".join(md) + "\n")
-        (RESULTS / "lccl-host.json").write_text(json.dumps({"machine": info, "layers": rows, **document}, indent=2) + "\n")
-        plot(rows, document, RESULTS / "lccl-host.png")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"machine": info, "layers": rows, **document}, indent=2) + "\n")
+        plot(rows, document, out.with_suffix(".png"))
     return 0 if all(a["passed"] for r in rows for a in r["algorithms"].values()) else 1
 
 
