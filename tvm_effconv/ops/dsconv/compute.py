@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry import conv2d_output_size
+from ...geometry import ChannelVectors, GroupedConvGeometry
 
 # Block annotation that routes the main block to the registered schedule rules.
 SCHEDULE_RULE = "effconv_dsconv2d"
@@ -35,29 +35,11 @@ PACK_BLOCK = "dsconv2d_pack_input"
 
 
 @dataclass(frozen=True)
-class DSConvShape:
+class DSConvShape(ChannelVectors, GroupedConvGeometry):
     """Static geometry of one DSConv layer, and its packed layout for a given vector width."""
 
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
     block: int
     lanes: int  # output channels per weight vector
-
-    @property
-    def group_in(self) -> int:
-        return self.in_channels // self.groups
-
-    @property
-    def group_out(self) -> int:
-        return self.out_channels // self.groups
 
     @property
     def nblocks(self) -> int:
@@ -66,27 +48,6 @@ class DSConvShape:
     @property
     def block_quads(self) -> int:  # groups of four channels per (padded) block
         return -(-min(self.block, self.group_in) // 4)
-
-    @property
-    def group_vectors(self) -> int:  # weight vectors per group
-        return -(-self.group_out // self.lanes)
-
-    @property
-    def padded_out(self) -> int:
-        return self.groups * self.group_vectors * self.lanes
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return conv2d_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
-
-    def packed_channel(self, k: int) -> int:
-        """Index in the padded output-channel space of output channel ``k``."""
-        g, j = divmod(k, self.group_out)
-        return g * self.group_vectors * self.lanes + j
-
-    @property
-    def channels_padded(self) -> bool:
-        return self.padded_out != self.out_channels
 
 
 def pack_constants(shape: DSConvShape, codes, kds_scale, kds_bias, cds_scale, cds_bias, act_scale, act_offset):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry import conv2d_output_size
+from ...geometry import ChannelVectors, GroupedConvGeometry
 
 SCHEDULE_RULE = "effconv_qconv2d_bitserial"
 PACK_BLOCK = "qconv2d_pack_input"
@@ -41,19 +41,9 @@ LAYOUTS = ("NCHW", "NHWC")
 
 
 @dataclass(frozen=True)
-class QConvShape:
+class QConvShape(ChannelVectors, GroupedConvGeometry):
     """Static geometry of one quantized conv and its bit-packed layout."""
 
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
     weight_bits: int
     act_bits: int
     word_bits: int = 64  # channels per packed word: 8, 32 or 64
@@ -66,36 +56,8 @@ class QConvShape:
         return f"uint{self.word_bits}"
 
     @property
-    def group_in(self) -> int:
-        return self.in_channels // self.groups
-
-    @property
-    def group_out(self) -> int:
-        return self.out_channels // self.groups
-
-    @property
     def chunks(self) -> int:  # SIMD operands per (group, bit plane, pixel)
         return -(-self.group_in // (self.word_bits * self.chunk))
-
-    @property
-    def group_vectors(self) -> int:
-        return -(-self.group_out // self.lanes)
-
-    @property
-    def padded_out(self) -> int:
-        return self.groups * self.group_vectors * self.lanes
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return conv2d_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
-
-    def packed_channel(self, k):
-        """Index in the padded output-channel order of output channel ``k`` (an int or a TIR expression)."""
-        return (k // self.group_out) * self.group_vectors * self.lanes + k % self.group_out
-
-    @property
-    def channels_padded(self) -> bool:
-        return self.padded_out != self.out_channels
 
     def activation_shape(self) -> tuple[int, ...]:
         n, c, h, w = self.batch, self.in_channels, self.height, self.width

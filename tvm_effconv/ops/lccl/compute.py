@@ -71,7 +71,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry import conv2d_output_size
+from ...geometry import ConvGeometry
 
 SCHEDULE_RULE = "effconv_lccl_conv2d"
 PAD_BLOCK = "lccl_pad"
@@ -98,18 +98,9 @@ ALGORITHMS = ("skip", "compact", "dense")
 
 
 @dataclass(frozen=True)
-class LCCLShape:
+class LCCLShape(ConvGeometry):
     """Static geometry of one LCCL layer, its packed layout and the algorithm of its main conv."""
 
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
     mode: str
     lanes: int  # output channels per weight vector; divides out_channels
     algorithm: str = "skip"
@@ -135,10 +126,6 @@ class LCCLShape:
             )
         if min(self.out_size) < 1:
             raise ValueError(f"lccl_conv2d: input {self.height}x{self.width} is too small (output {self.out_size})")
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return conv2d_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def vectors(self) -> int:

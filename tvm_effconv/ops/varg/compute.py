@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...geometry import conv2d_output_size
+from ...geometry import GroupedConvGeometry
 
 SCHEDULE_RULE = "effconv_varg_conv2d"
 CONV_BLOCK = "varg_conv"
@@ -47,19 +47,9 @@ GROUP_BASES = (8, 16, 32)
 
 
 @dataclass(frozen=True)
-class VarGShape:
+class VarGShape(GroupedConvGeometry):
     """Static geometry of one grouped conv and its packed weight layout."""
 
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
     lanes: int  # output channels per weight vector
 
     def __post_init__(self):
@@ -72,22 +62,6 @@ class VarGShape:
             raise ValueError(
                 f"lanes={self.lanes} must divide the output channels per group ({self.group_out})"
             )
-
-    @property
-    def group_in(self) -> int:
-        return self.in_channels // self.groups
-
-    @property
-    def group_out(self) -> int:
-        return self.out_channels // self.groups
-
-    @property
-    def group_vectors(self) -> int:
-        return self.group_out // self.lanes
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return conv2d_output_size((self.height, self.width), self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def padded_size(self) -> tuple[int, int]:
