@@ -256,10 +256,25 @@ def _tune_contexts(tasks, work: Path) -> list:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
-        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=_space(task),
                                        search_strategy="evolutionary", task_name=task.task_name, logger=logger,
                                        num_threads="physical").clone())
     return contexts
+
+
+def _space(task):
+    """MetaSchedule's design space for a task. An effconv rule schedules every block of its function,
+    parallel loops, vectors and unrolling included; MetaSchedule's generic rules on top (the root's
+    parallel/vectorize annotations among them) made RewriteParallelVectorizeUnroll reject every
+    candidate, so such tasks get the custom rule alone."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedule_rules import find_rule
+
+    if find_rule(s_tir.Schedule(task.dispatched[0]), task.target) is None:
+        return "post-order-apply"
+    return ms.space_generator.PostOrderApply(sch_rules=[ms.schedule_rule.ApplyCustomRule()])
 
 
 def merge_into_records(folder: Path, work: Path | None, target, log, extra=()) -> int:
