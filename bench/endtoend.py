@@ -187,7 +187,7 @@ class Suite:
         with torch.no_grad():
             exported = torch.export.export(model, inputs)
         executable, report = build.build(frontend.to_relax(exported, self.preset.target), self.preset,
-                                         self.records.database)
+                                         self.records.database, frozenset(self.records.defaults))
         vm = relax.VirtualMachine(executable, self.device)
         quantized = frontend.quantized_ops(exported)
         rtol = verify.QUANTIZED_RTOL if quantized else verify.RTOL
@@ -331,15 +331,17 @@ class Suite:
         from tvm.s_tir import meta_schedule as ms
 
         from tvm_effconv.build import is_scheduled, prepare
+        from tvm_effconv.tuning import tuned_database
 
-        if self.records.database is None:
+        database = tuned_database(self.records)  # MetaSchedule's best, also where our default was faster
+        if database is None:
             why = f": {self.records.problems[0]}" if self.records.problems else ""
             return System("n/a", f"no usable MetaSchedule records in {self.records_dir}{why}")
         with torch.no_grad():
             exported = torch.export.export(model, inputs).run_decompositions()
         mod = from_exported_program(exported, keep_params_as_input=False, unwrap_unit_return_tuple=True)
         target = self.preset.target
-        with target, self.records.database:
+        with target, database:
             applied = relax.transform.MetaScheduleApplyDatabase()(prepare(mod, target))
         functions = [f for f in applied.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
         covered = sum(is_scheduled(f) for f in functions)
@@ -348,7 +350,7 @@ class Suite:
             return System("n/a", f"{coverage} in {self.records_dir}: MetaSchedule alone leaves the rest unscheduled "
                                  "(TVM's CPU pipeline schedules nothing), so it did not get the tuning budget ours got; "
                                  "tune the float network to measure it", extra={"coverage": [covered, len(functions)]})
-        executable = ms.relax_integration.compile_relax(self.records.database, mod, target, params=None)
+        executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
         vm = relax.VirtualMachine(executable, self.device)
         data = tvm.runtime.tensor(inputs[0].numpy())
         output = vm["main"](data).numpy()

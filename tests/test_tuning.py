@@ -14,7 +14,15 @@ from tvm_effconv.errors import EffconvError
 from tvm_effconv.schedule_rules import RULES, apply_default_rules, register_rule
 from tvm_effconv.targets import get_preset
 from tvm_effconv.tune import merge_into_records, prune, record_default_schedules, tune_model
-from tvm_effconv.tuning import RECORD_FILE, UNMEASURED_SECONDS, WORKLOAD_FILE, load_records, mean_seconds
+from tvm_effconv.tuning import (
+    DEFAULTS_FILE,
+    RECORD_FILE,
+    UNMEASURED_SECONDS,
+    WORKLOAD_FILE,
+    load_records,
+    mean_seconds,
+    tuned_database,
+)
 
 TINY = f"{__name__}:tiny_conv"
 
@@ -52,7 +60,9 @@ def test_compile_applies_the_records_without_tuning(tuned, tmp_path):
     folder, report, _ = tuned
     out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["records"]["missing"] == [] and manifest["records"]["applied"]
+    records = manifest["records"]
+    # each workload: its tuned record, or the default schedule where that measured faster
+    assert records["missing"] == [] and records["applied"] + records["default_by_measurement"]
     assert manifest["verification"]["status"] == "passed"
 
 
@@ -71,8 +81,11 @@ def test_require_records_names_missing_workloads_and_the_fix(tuned, tmp_path):
 
 
 def _copy(folder, tmp_path):
+    """The tuned records, without the verdicts where the default schedule measured faster (which of the
+    two wins a 2-trial run is a coin toss): every record applies."""
     copy = tmp_path / "host"
     shutil.copytree(folder, copy)
+    (copy / DEFAULTS_FILE).unlink(missing_ok=True)
     return copy
 
 
@@ -121,6 +134,30 @@ def test_one_folder_keeps_the_records_of_several_cpus(tuned, tmp_path):
     assert load_records(folder, cascadelake).records == ours.workloads
     out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
     assert json.loads((out / "manifest.json").read_text())["records"]["notes"]
+
+
+def test_a_default_schedule_that_measured_faster_is_kept_and_counts_as_covered(tuned, tmp_path):
+    from tvm_effconv.tuning import target_identity, workload_key
+
+    folder = _copy(tuned[0], tmp_path)
+    target = get_preset("host").target
+    before = load_records(folder, target)
+    (record, *_) = before.database.get_all_tuning_records()
+    key = workload_key(record.workload.mod)
+    entry = {"workload_key": key, "task": "t", "target": target_identity(target), "default_ms": 0.01, "tuned_ms": 0.02}
+    merge_into_records(folder, None, target, quiet, verdicts={key: entry})
+    found = load_records(folder, target)
+    assert set(found.defaults) == {key} and found.records == before.records - 1
+    assert found.superseded is not None  # MetaSchedule's record is kept for comparisons, not applied
+    assert len(tuned_database(found).get_all_tuning_records()) == before.records
+
+    out = compile_model(TINY, "host", tmp_path / "a", records=str(folder), require_records=True, log=quiet)
+    records = json.loads((out / "manifest.json").read_text())["records"]
+    assert records["missing"] == [] and records["default_by_measurement"]
+    assert not set(records["default_by_measurement"]) & set(records["applied"])
+
+    merge_into_records(folder, None, target, quiet, verdicts={key: None})  # a later run's tuning won
+    assert not (folder / DEFAULTS_FILE).exists() and load_records(folder, target).records == before.records
 
 
 def test_a_records_folder_of_garbage_never_crashes_compile(tmp_path):

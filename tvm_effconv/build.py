@@ -20,6 +20,8 @@ class BuildReport:
 
     from_records: list[str] = field(default_factory=list)
     default_schedule: list[str] = field(default_factory=list)
+    # Of default_schedule: the functions whose default measured faster than tuning (tuning.DEFAULTS_FILE)
+    default_by_measurement: list[str] = field(default_factory=list)
     unscheduled: list[str] = field(default_factory=list)
     # One run's kernel calls in order: {"function", "args": [{"shape", "dtype"}...]} (inputs, then outputs)
     kernel_calls: list[dict] = field(default_factory=list)
@@ -112,19 +114,31 @@ def default_schedule_module(mod, preset: Preset):
     return apply_default_schedules(mod, target)
 
 
-def schedule(mod, preset: Preset, database=None):
-    """Schedule every fused function of a prepared module: records first, defaults for the rest."""
+def schedule(mod, preset: Preset, database=None, default_keys=frozenset()):
+    """Schedule every fused function of a prepared module: records first, defaults for the rest.
+    ``default_keys``: the workload keys whose default schedule measured faster than tuning."""
     from tvm import relax
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from .tuning import workload_key
 
     report = BuildReport()
     if database is not None:
         with preset.target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         report.from_records = sorted(name for name, f in _prim_funcs(mod).items() if is_scheduled(f))
+    before_defaults = mod
     mod, report.unscheduled = default_schedule_module(mod, preset)
+    # Named as before the default schedules (which may rename a function that packs its weights): the
+    # names of the tuning tasks.
+    functions = _prim_funcs(before_defaults)
     report.default_schedule = sorted(
-        name for name in _prim_funcs(mod) if name not in report.from_records and name not in report.unscheduled
+        name for name in functions if name not in report.from_records and name not in report.unscheduled
     )
+    report.default_by_measurement = [
+        name for name in report.default_schedule
+        if default_keys and workload_key(_normalize_mod(functions[name])) in default_keys
+    ]
     return mod, report
 
 
@@ -175,7 +189,7 @@ def kernel_variants(mod) -> list[dict]:
     return variants
 
 
-def build(mod, preset: Preset, database=None):
+def build(mod, preset: Preset, database=None, default_keys=frozenset()):
     """Compile a Relax module (as imported) for a preset. Returns (VMExecutable, BuildReport)."""
     import tvm
     from tvm import relax
@@ -184,7 +198,7 @@ def build(mod, preset: Preset, database=None):
     backend = _backend(target)
     mod = prepare(mod, target)
     variants = kernel_variants(mod)
-    mod, report = schedule(mod, preset, database)
+    mod, report = schedule(mod, preset, database, default_keys)
     report.kernel_variants = variants
     report.kernel_calls = kernel_calls(mod)
 

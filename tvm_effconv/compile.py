@@ -20,7 +20,7 @@ from . import __version__, frontend, verify
 from .build import build, check_cross_compiler, export_kernels, export_library, generated_source
 from .errors import EffconvError, ToolMissingError, VerificationError, run_cli
 from .targets import get_preset
-from .tuning import load_records, records_dir
+from .tuning import DEFAULTS_FILE, load_records, records_dir
 
 LIBRARY_FILE = "model.so"
 # The kernels alone, for `bench --profile` over RPC (the Relax VM cannot be instrumented remotely).
@@ -141,18 +141,20 @@ def compile_model(
             f"never measured on a device); tune on a device to replace them: python -m tvm_effconv.tune {model} "
             f"--target {preset.name}")
     log(f"compiling for {preset.name}: {json.dumps(preset.target_dict)}")
-    executable, report = build(mod, preset, found.database)
-    if report.default_schedule:
-        log(
-            f"{len(report.default_schedule)} of {len(report.default_schedule) + len(report.from_records) + len(report.unscheduled)} "
-            f"workloads had no tuning record in {folder} and use the default schedule: "
-            + ", ".join(report.default_schedule)
-        )
+    executable, report = build(mod, preset, found.database, frozenset(found.defaults))
+    untuned = [name for name in report.default_schedule if name not in report.default_by_measurement]
+    total = len(report.default_schedule) + len(report.from_records) + len(report.unscheduled)
+    if report.default_by_measurement:
+        log(f"{len(report.default_by_measurement)} of {total} workloads keep the default schedule, which measured faster "
+            f"than tuning ({folder / DEFAULTS_FILE}): " + ", ".join(report.default_by_measurement))
+    if untuned:
+        log(f"{len(untuned)} of {total} workloads had no tuning record in {folder} and use the default schedule: "
+            + ", ".join(untuned))
         log(f"  to tune them: python -m tvm_effconv.tune {model} --target {preset.name}")
     if report.unscheduled:
         log("warning: no schedule could be applied to: " + ", ".join(report.unscheduled))
-    if require_records and (report.default_schedule or report.unscheduled):
-        missing = report.default_schedule + report.unscheduled
+    if require_records and (untuned or report.unscheduled):
+        missing = untuned + report.unscheduled
         raise EffconvError(
             f"--require-records: {len(missing)} workload(s) have no applicable record in {folder}: {', '.join(missing)}. "
             "If the model changed, or a TVM upgrade changed the workload hashes, re-tune: "
@@ -210,7 +212,8 @@ def compile_model(
                 "notes": found.notes,
                 "unmeasured": found.unmeasured,
                 "applied": report.from_records,
-                "missing": report.default_schedule,
+                "default_by_measurement": report.default_by_measurement,
+                "missing": untuned,
             },
             "unscheduled": report.unscheduled,
             "verification": verification,

@@ -38,6 +38,8 @@ from .tuning import (
     load_records,
     mean_seconds,
     records_dir,
+    target_identity,
+    workload_key,
     write_records,
 )
 
@@ -85,12 +87,6 @@ def work_dir(records: Path) -> Path:
     root = cache_dir() / "tuning"
     digest = hashlib.sha256(str(records.resolve()).encode()).hexdigest()[:12]
     return root / f"{records.name}-{digest}"
-
-
-def _workload_key(mod) -> str:
-    import tvm_ffi
-
-    return str(tvm_ffi.structural_hash(mod))
 
 
 def build_candidate(mod, target, _params):
@@ -277,18 +273,25 @@ def _space(task):
     return ms.space_generator.PostOrderApply(sch_rules=[ms.schedule_rule.ApplyCustomRule()])
 
 
-def merge_into_records(folder: Path, work: Path | None, target, log, extra=()) -> int:
+def merge_into_records(folder: Path, work: Path | None, target, log, extra=(), verdicts=None) -> int:
     """Merge the work database (if any) and the ``extra`` databases into the records folder; returns
-    the workloads written."""
+    the workloads written. ``verdicts`` maps workload keys to a DEFAULTS_FILE entry (the default schedule
+    measured faster: its records are kept but not applied) or None (a tuned record won: the entry is dropped)."""
     from tvm.s_tir import meta_schedule as ms
 
     current = load_records(folder, target)
-    sources = [*extra, current.database, current.other_targets]
+    sources = [*extra, current.database, current.superseded, current.other_targets]
     if work is not None and (work / RECORD_FILE).is_file():
         sources.append(ms.database.JSONDatabase(work_dir=str(work)))
+    defaults = dict(current.defaults)
+    for key, entry in (verdicts or {}).items():
+        if entry is None:
+            defaults.pop(key, None)
+        else:
+            defaults[key] = entry
     records = best_records(sources)
-    if records:
-        write_records(folder, records)
+    if records or defaults != current.defaults:
+        write_records(folder, records, [*current.other_defaults, *defaults.values()])
     return len(records)
 
 
@@ -376,7 +379,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     if (work / RECORD_FILE).is_file():
         # A run that was killed: count its trials, then merge its records.
         for record in ms.database.JSONDatabase(work_dir=str(work)).get_all_tuning_records():
-            key = _workload_key(record.workload.mod)
+            key = workload_key(record.workload.mod)
             done[key] = done.get(key, 0) + 1
         log(f"resuming: merged {merge_into_records(folder, work, preset.target, log)} workloads of an interrupted run into {folder}")
         _finish_work(work, progress_path, done)
@@ -387,9 +390,13 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     todo = []
     for task in tasks:
         result = TaskResult(task.task_name, int(task.weight))
-        if done.get(_workload_key(task.dispatched[0]), 0) >= trials and existing.database is not None \
+        key = workload_key(task.dispatched[0])
+        if key in existing.defaults and done.get(key, 0) >= trials:
+            result.note, result.trials = "default schedule is faster (skipped)", done[key]
+            result.untuned_ms = result.tuned_ms = existing.defaults[key]["default_ms"]
+        elif done.get(key, 0) >= trials and existing.database is not None \
                 and existing.database.has_workload(task.dispatched[0]):
-            result.note, result.trials = "already tuned (skipped)", done[_workload_key(task.dispatched[0])]
+            result.note, result.trials = "already tuned (skipped)", done[key]
             record = existing.database.query_tuning_record(task.dispatched[0], preset.target, task.task_name)
             result.tuned_ms = 1e3 * mean_seconds(record.run_secs) if record is not None and record.run_secs else None
         else:
@@ -424,17 +431,30 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         # Interrupted or not, every measured record is kept.
+        verdicts = {}
         for task, result in todo:
-            key = _workload_key(task.dispatched[0])
+            key = workload_key(task.dispatched[0])
             # An exhausted search space counts as fully tuned.
             done[key] = max(done.get(key, 0), trials if result.note else result.trials)
-        written = merge_into_records(folder, work, preset.target, log)
+            verdicts[key] = _default_verdict(task, result, preset.target)
+        written = merge_into_records(folder, work, preset.target, log, verdicts=verdicts)
         _finish_work(work, progress_path, done)
         log(f"records: {written} workload(s) in {folder}")
     if progress.interrupted:
         raise KeyboardInterrupt
     report.seconds = time.time() - started
     return report
+
+
+def _default_verdict(task, result: TaskResult, target) -> dict | None:
+    """The DEFAULTS_FILE entry of a task whose default schedule measured faster than every candidate
+    (MetaSchedule's generic space can lose to our default, e.g. on fused batch-norm epilogues), else None."""
+    if result.untuned_ms is None or (result.tuned_ms is not None and result.tuned_ms < result.untuned_ms):
+        return None
+    tuned = "none valid" if result.tuned_ms is None else f"{result.tuned_ms:.4f} ms"
+    result.note = f"default schedule kept: faster than the best candidate ({tuned})"
+    return {"workload_key": workload_key(task.dispatched[0]), "task": task.task_name,
+            "target": target_identity(target), "default_ms": result.untuned_ms, "tuned_ms": result.tuned_ms}
 
 
 def _finish_work(work: Path, progress_path: Path, done: dict) -> None:
@@ -453,9 +473,9 @@ def prune(folder: Path, target, log) -> None:
     found = load_records(folder, target)
     for problem in found.problems:
         log(f"warning: {problem}")
-    if found.database is None:
+    if found.database is None and found.superseded is None:
         raise EffconvError(f"{folder} holds no usable records to prune")
-    kept = best_records([found.database, found.other_targets])
+    kept = best_records([found.database, found.superseded, found.other_targets])
     write_records(folder, kept)
     after = _database_bytes(folder)
     log(f"pruned {folder}: {found.records} record(s) -> {len(kept)} (best per workload), {before} -> {after} bytes")

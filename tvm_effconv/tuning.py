@@ -21,8 +21,13 @@ SCHEDULES_DIR = Path(os.environ.get("TVM_EFFCONV_SCHEDULES", Path(__file__).reso
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
-# Besides the database, a records folder may hold a README that says how the records were made.
-ALLOWED_EXTRA = ("README.md",)
+# The workloads whose default schedule measured faster than every tuned candidate: one JSON object per
+# line, {"workload_key", "task", "target", "default_ms", "tuned_ms"}. Compile keeps the default for them
+# and counts them as covered; their records stay in the database (they are MetaSchedule's best, which a
+# comparison with MetaSchedule alone needs) but are not applied.
+DEFAULTS_FILE = "default_schedules.json"
+# Besides those, a records folder may hold a README that says how the records were made.
+ALLOWED_EXTRA = ("README.md", DEFAULTS_FILE)
 
 # The run time of a builder-only record: a default schedule that was built but never measured (no device
 # to run it on). MetaSchedule needs a run time to apply a record; this one marks it and loses to any
@@ -39,7 +44,8 @@ class Records:
     """The usable records of a folder (``database`` is None when there are none) and what was wrong."""
 
     directory: Path
-    database: object = None
+    database: object = None  # the records compile applies
+    superseded: object = None  # this target's records of workloads in ``defaults``: kept, not applied
     other_targets: object = None  # a database of the records tuned for other targets (kept when merging)
     workloads: int = 0
     records: int = 0
@@ -47,6 +53,9 @@ class Records:
     files: dict = field(default_factory=dict)  # file name -> sha256
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # DEFAULTS_FILE: workload key -> entry, for this target; and the other targets' entries, kept as they are
+    defaults: dict = field(default_factory=dict)
+    other_defaults: list = field(default_factory=list)
 
 
 def records_dir(preset_name: str, override: str | os.PathLike | None = None) -> Path:
@@ -74,6 +83,25 @@ def _read_lines(path: Path, what: str, problems: list[str]) -> list:
     return values
 
 
+def workload_key(mod) -> str:
+    """The key of a workload (a single-function IRModule as MetaSchedule normalises it)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def _load_defaults(path: Path, want: dict, found: Records) -> None:
+    for number, value in enumerate(_read_lines(path, "entry", found.problems), start=1):
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not {"workload_key", "target", "default_ms"} <= set(value):
+            found.problems.append(f"{DEFAULTS_FILE} line {number} is not a default-schedule entry; skipped it")
+        elif value["target"] == want:
+            found.defaults[str(value["workload_key"])] = value
+        else:
+            found.other_defaults.append(value)
+
+
 def load_records(directory: Path, target) -> Records:
     """Read a records folder for ``target`` into an in-memory MetaSchedule database."""
     from tvm.s_tir import meta_schedule as ms
@@ -84,6 +112,9 @@ def load_records(directory: Path, target) -> Records:
     for entry in sorted(directory.iterdir()):
         if entry.name not in DATABASE_FILES + ALLOWED_EXTRA:
             found.problems.append(f"{entry} is not part of a MetaSchedule database; ignored it")
+    want = target_identity(target)
+    if (directory / DEFAULTS_FILE).is_file():
+        _load_defaults(directory / DEFAULTS_FILE, want, found)
     paths = [directory / name for name in DATABASE_FILES]
     if not all(p.is_file() for p in paths):
         if any(p.is_file() for p in paths):
@@ -99,8 +130,7 @@ def load_records(directory: Path, target) -> Records:
             found.problems.append(f"{WORKLOAD_FILE} line {number} is not a valid workload; skipped it")
             workloads.append(None)
 
-    want = target_identity(target)
-    database, others = ms.database.MemoryDatabase(), ms.database.MemoryDatabase()
+    database, others, superseded = (ms.database.MemoryDatabase() for _ in range(3))
     foreign_targets: dict[str, int] = {}
     for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):
         if value is None:
@@ -116,7 +146,10 @@ def load_records(directory: Path, target) -> Records:
             found.problems.append(f"{RECORD_FILE} line {number} is not a valid tuning record; skipped it")
             continue
         have = target_identity(record.target)
-        into = database if have == want else others
+        if have != want:
+            into = others
+        else:
+            into = superseded if workload_key(workload.mod) in found.defaults else database
         into.commit_tuning_record(
             ms.database.TuningRecord(
                 record.trace, into.commit_workload(workload.mod), record.run_secs, record.target, record.args_info
@@ -125,6 +158,9 @@ def load_records(directory: Path, target) -> Records:
         if have != want:
             key = json.dumps(have, sort_keys=True)
             foreign_targets[key] = foreign_targets.get(key, 0) + 1
+            continue
+        if into is superseded:
+            found.superseded = superseded
             continue
         found.records += 1
         found.unmeasured += is_unmeasured(record)
@@ -148,6 +184,21 @@ def is_unmeasured(record) -> bool:
     return bool(record.run_secs) and mean_seconds(record.run_secs) >= UNMEASURED_SECONDS
 
 
+def tuned_database(found: Records):
+    """Every record of ``found``'s target, the superseded ones too: MetaSchedule's best per workload."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if found.superseded is None:
+        return found.database
+    merged = ms.database.MemoryDatabase()
+    for source in (found.database, found.superseded):
+        for record in [] if source is None else source.get_all_tuning_records():
+            merged.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, merged.commit_workload(record.workload.mod), record.run_secs, record.target,
+                record.args_info))
+    return merged
+
+
 def mean_seconds(run_secs) -> float:
     return sum(float(getattr(s, "value", s)) for s in run_secs) / len(run_secs)
 
@@ -169,9 +220,10 @@ def best_records(databases) -> list:
     return [record for _, record in sorted(best.values(), key=lambda item: item[0])]
 
 
-def write_records(directory: Path, records: list) -> None:
-    """Write ``records`` (one per workload) as a MetaSchedule JSON database, replacing the folder's
-    database in a single rename. Other files in the folder are carried over."""
+def write_records(directory: Path, records: list, defaults: list | None = None) -> None:
+    """Write ``records`` (one per workload) as a MetaSchedule JSON database, and ``defaults`` (entries of
+    DEFAULTS_FILE) unless None, replacing the folder's database in a single rename. Other files in the
+    folder are carried over."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.parent / f".{directory.name}.new-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -190,9 +242,14 @@ def write_records(directory: Path, records: list) -> None:
                 ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
             )
         del database
+        written = DATABASE_FILES
+        if defaults is not None:
+            written += (DEFAULTS_FILE,)
+            if defaults:
+                (staging / DEFAULTS_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in defaults))
         if directory.is_dir():
             for entry in directory.iterdir():
-                if entry.name not in DATABASE_FILES:
+                if entry.name not in written:
                     shutil.move(str(entry), staging / entry.name)
             old = directory.parent / f".{directory.name}.old-{os.getpid()}"
             directory.rename(old)
