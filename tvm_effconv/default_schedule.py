@@ -413,7 +413,7 @@ def _postprocess(sch: s_tir.Schedule, postprocs: list) -> tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def _constant_params(mod: tvm.IRModule) -> dict[str, list[int]]:
+def constant_params(mod: tvm.IRModule) -> dict[str, list[int]]:
     """For each PrimFunc, the parameters to which every Relax call site passes a constant."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
     constant: dict[str, set[int]] = {}
@@ -450,20 +450,20 @@ def apply_default_schedules(
             for gvar, func in tuned.functions.items()
             if not func.same_as(mod[gvar.name_hint])
         }
-    constant_params = _constant_params(mod)
+    constants = constant_params(mod)
     for gvar, func in mod.functions.items():
         name = gvar.name_hint
         if name in scheduled or not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
         try:
-            scheduled[name] = _mark_scheduled(default_schedule(func, target, constant_params.get(name, ())))
+            scheduled[name] = _mark_scheduled(default_schedule(func, target, constants.get(name, ())))
         except Exception as err:  # noqa: BLE001 - any failure leaves the function as it was, which builds
             logger.warning("no default schedule for %s: %s", name, str(err).strip().splitlines()[0])
             failed.append(name)
     mod = mod.clone()  # IRModule updates are in place; leave the caller's module as it was
     for name, func in scheduled.items():
         mod[name] = func
-    if not any(constant_params.values()):
+    if not any(constants.values()):
         return mod, failed
     # Constant weights the schedules packed: transform them once, at compile time, and drop the
     # then unused transform functions.

@@ -214,17 +214,40 @@ def _builder_and_runner(preset, tracker: str | None, key: str | None, timeout: f
     return builder, ms.runner.RPCRunner(rpc_config=config, evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1))
 
 
-def _measure_default(tasks, preset, builder, runner) -> list[float | None]:
+def _default_module(task, preset, constant_params: dict):
+    """A task's default schedule as compile builds it: on CPUs the weights packed at compile time. The
+    packing is a layout-rewrite block, which the builder removes (as for MetaSchedule's candidates): the
+    measurement takes packed weights."""
+    import tvm
+
+    from .default_schedule import default_schedule
+    from .schedule_rules import apply_default_rules
+
+    mod = task.dispatched[0]
+    if preset.family != "cuda":
+        mod, scheduled = apply_default_rules(mod, preset.target)
+        if not scheduled:
+            try:
+                func = default_schedule(mod["main"], preset.target, constant_params.get(task.task_name, ()))
+                return tvm.IRModule({"main": func})
+            except Exception:  # noqa: BLE001 - as in compile: the fallback below
+                pass
+    return default_schedule_module(mod, preset)[0]
+
+
+def _measure_default(tasks, preset, builder, runner, constant_params: dict) -> list[float | None]:
     """Run time (ms) of each task under the default schedule, measured like the tuning candidates."""
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    modules = [default_schedule_module(task.dispatched[0], preset)[0] for task in tasks]
+    modules = [_default_module(task, preset, constant_params) for task in tasks]
     built = builder.build([ms.builder.BuilderInput(mod, preset.target) for mod in modules])
     device_type = "cuda" if preset.family == "cuda" else "cpu"
     futures = {}
     for index, (mod, result) in enumerate(zip(modules, built)):
         if result.error_msg is None:
-            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            measured = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+            args = ms.arg_info.ArgInfo.from_prim_func(measured["main"])
             futures[index] = runner.run([ms.runner.RunnerInput(result.artifact_path, device_type, args)])[0]
     times: list[float | None] = [None] * len(tasks)
     for index, future in futures.items():
@@ -295,21 +318,25 @@ def merge_into_records(folder: Path, work: Path | None, target, log, extra=(), v
     return len(records)
 
 
-def _extract_tasks(model: str, preset, only, input_shapes, trust_pickle) -> list:
+def _extract_tasks(model: str, preset, only, input_shapes, trust_pickle) -> tuple[list, dict]:
+    """The model's tuning tasks, and per function the indices of the parameters that are constants."""
     from tvm.s_tir import meta_schedule as ms
+
+    from .default_schedule import constant_params
 
     specs = [frontend.InputSpec.parse(s) for s in input_shapes]
     loaded = frontend.load_model(model, specs, trust_pickle)
     prepared = prepare(frontend.to_relax(loaded.exported, preset.target), preset.target)
     tasks = list(ms.relax_integration.extract_tasks(prepared, preset.target))
+    constants = constant_params(prepared)
     if not only:
-        return tasks
+        return tasks, constants
     chosen = [t for t in tasks if any(op in t.task_name for op in only)]
     if not chosen:
         raise EffconvError(
             f"--only {','.join(only)} matches none of the model's tasks: {', '.join(t.task_name for t in tasks)}"
         )
-    return chosen
+    return chosen, constants
 
 
 def record_default_schedules(model: str, target: str, records: str | None = None, only: list[str] = (),
@@ -325,7 +352,7 @@ def record_default_schedules(model: str, target: str, records: str | None = None
             f"--builder-only is for GPU presets, whose default schedules are single traces; {preset.name} is measured "
             "on its device instead (see --rpc-tracker)"
         )
-    tasks = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
+    tasks, _ = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
     folder = records_dir(preset.name, records)
     report = TuneReport(preset=preset.name, records=folder)
     started = time.time()
@@ -367,7 +394,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
     preset = get_preset(target)
     key = key or preset.rpc_key
     builder, runner = _builder_and_runner(preset, tracker, key, timeout)
-    tasks = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
+    tasks, constants = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
 
     folder = records_dir(preset.name, records)
     work = work_dir(folder)
@@ -407,7 +434,7 @@ def tune_model(model: str, target: str, trials: int = 64, records: str | None = 
         return report
 
     started = time.time()
-    for (task, result), ms_time in zip(todo, _measure_default([t for t, _ in todo], preset, builder, runner)):
+    for (task, result), ms_time in zip(todo, _measure_default([t for t, _ in todo], preset, builder, runner, constants)):
         result.untuned_ms = ms_time
     shutil.rmtree(work / "logs", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
