@@ -31,13 +31,15 @@ PATH_ANNOTATION = "dsq_path"
 # The bit-serial kernel costs one popcount pass per plane pair (act_bits * weight_bits of them); the
 # multiply-accumulate path one pass whatever the bits. Per target family, the largest number of plane
 # pairs for which the bit-serial kernel is the faster one (above it the dot path is taken):
-# - x86 (scalar popcnt): measured by bench/dsq.py on this host (bench/results/dsq-host.md): A2W2 bit-serial
-#   2.29 ms against 2.88 ms for the dot path on 256x14x14, A4W4 8.5 against 2.9 ms;
+# - x86 (AVX2, popcount by nibble lookup): measured by bench/dsq.py on the ResNet-18 layers
+#   (bench/results/amd-epyc-znver2.md, AMD EPYC znver2, 1 thread), geometric mean of the speed-up over
+#   PyTorch's int8 conv, bit-serial against the dot path: A1W1 2.78x against 1.08x, A2W1 1.65x against
+#   1.07x, A2W2 1.02x against 1.08x (the dot path wins on 1x1 layers), A4W4 0.31x against 1.07x;
 # - arm: estimated from instruction counts (no ARM hardware measured): a plane pair costs 13 NEON
 #   instructions per 4 x 128 MACs (39 MACs each); sdot does 16 MACs per instruction, smull + saddlp +
 #   addp about 5;
 # - cuda: and + __popc + add per 32 MACs (about 10 per instruction) against __dp4a's 4.
-BITSERIAL_MAX_PLANE_PAIRS = {"x86": 4, "arm_dotprod": 2, "arm": 8, "cuda": 2}
+BITSERIAL_MAX_PLANE_PAIRS = {"x86": 2, "arm_dotprod": 2, "arm": 8, "cuda": 2}
 # The dot path holds activation codes in int8 lanes (sdot, dp4a: signed) and weights within
 # pmaddubsw's exact range: at most 4 bits here, as DSQ's low-bit layers are.
 INT8_DOT_MAX_BITS = 4
