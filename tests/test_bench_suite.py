@@ -89,19 +89,29 @@ def test_op_tables_and_arm_estimates(quick_run):
 
 # --- parts that need no run ---
 
-# bench/results holds no DSQ layer benchmark document: the quick run reads a fresh one.
-@pytest.mark.parametrize("op, document", [
-    ("dsconv", "dsconv-host.json"), ("lccl", "lccl-host.json"), ("varg", "varg-host.json"),
-])
+def _committed_op_documents():
+    """(op, document) of every op benchmark in the committed suite pages (bench/results/<machine>.json)."""
+    for path in sorted((BENCH / "results").glob("*.json")):
+        page = json.loads(path.read_text())
+        for op, result in page.get("ops", {}).items():
+            if result.get("status") == "measured":
+                yield pytest.param(op, result["document"], id=f"{path.stem}-{op}")
+
+
+@pytest.mark.parametrize("op, document", list(_committed_op_documents()))
 def test_the_committed_op_benchmark_documents_read_as_rows(op, document):
     import ops
 
-    rows = ops.ROWS[op](json.loads((BENCH / "results" / document).read_text()))
+    rows = ops.ROWS[op](document)
     assert rows
     for row in rows:
         assert row["ours_ms"] > 0 and row["peers"] and all(ms > 0 for ms in row["peers"].values())
         assert row["kind"] in ("fp32", "int8", "bitserial") and isinstance(row["correct"], bool)
-    assert ops.context(json.loads((BENCH / "results" / document).read_text()))["threads"] == 1
+    assert ops.context(document)["threads"] == 1
+
+
+def test_a_committed_suite_page_has_every_op():
+    assert {param.values[0] for param in _committed_op_documents()} >= {"dsconv", "dsq", "lccl", "varg"}
 
 
 def test_machine_names():
