@@ -187,7 +187,7 @@ class Suite:
         with torch.no_grad():
             exported = torch.export.export(model, inputs)
         executable, report = build.build(frontend.to_relax(exported, self.preset.target), self.preset,
-                                         self.records.database, frozenset(self.records.defaults))
+                                         self.records.database, self.records.defaults)
         vm = relax.VirtualMachine(executable, self.device)
         quantized = frontend.quantized_ops(exported)
         rtol = verify.QUANTIZED_RTOL if quantized else verify.RTOL

@@ -206,6 +206,25 @@ def test_tuning_cuda_without_a_gpu_names_the_ways_out():
         tune_model(TINY, "cuda", trials=1, log=quiet)
 
 
+def test_cpu_builder_only_entries_keep_the_default_and_say_it_was_not_measured(tmp_path):
+    folder, lines = tmp_path / "arm", []
+    report = record_default_schedules(TINY, "arm-a72", records=str(folder), log=lines.append)
+    assert report.tasks and all("builder-only" in t.note for t in report.tasks)
+    found = load_records(folder, get_preset("arm-a72").target)
+    assert len(found.defaults) == len(report.tasks) and found.problems == []
+    assert all(e["default_ms"] is None and e["tuned_ms"] is None for e in found.defaults.values())
+
+    out = compile_model(TINY, "arm-a72", tmp_path / "a", records=str(folder), require_records=True,
+                        run_verify=False, log=lines.append)
+    records = json.loads((out / "manifest.json").read_text())["records"]
+    assert records["missing"] == [] and records["default_by_measurement"] == []
+    assert len(records["default_builder_only"]) == len(report.tasks)
+    assert any("builder-only" in line and "tune on a device" in line for line in lines)
+    # Another run keeps what is there rather than building it again.
+    again = record_default_schedules(TINY, "arm-a72", records=str(folder), log=lines.append)
+    assert all(t.note == "has a record (kept)" for t in again.tasks)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA candidates cannot be built")
 def test_builder_only_records_apply_and_lose_to_measured_ones(tmp_path):
     folder, lines = tmp_path / "cuda", []

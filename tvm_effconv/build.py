@@ -20,8 +20,10 @@ class BuildReport:
 
     from_records: list[str] = field(default_factory=list)
     default_schedule: list[str] = field(default_factory=list)
-    # Of default_schedule: the functions whose default measured faster than tuning (tuning.DEFAULTS_FILE)
+    # Of default_schedule, those with a tuning.DEFAULTS_FILE entry: the default measured faster than
+    # tuning; or, builder-only, the default was built where no device could measure it
     default_by_measurement: list[str] = field(default_factory=list)
+    default_builder_only: list[str] = field(default_factory=list)
     unscheduled: list[str] = field(default_factory=list)
     # One run's kernel calls in order: {"function", "args": [{"shape", "dtype"}...]} (inputs, then outputs)
     kernel_calls: list[dict] = field(default_factory=list)
@@ -114,9 +116,9 @@ def default_schedule_module(mod, preset: Preset):
     return apply_default_schedules(mod, target)
 
 
-def schedule(mod, preset: Preset, database=None, default_keys=frozenset()):
+def schedule(mod, preset: Preset, database=None, defaults=None):
     """Schedule every fused function of a prepared module: records first, defaults for the rest.
-    ``default_keys``: the workload keys whose default schedule measured faster than tuning."""
+    ``defaults``: workload key -> its tuning.DEFAULTS_FILE entry (compile keeps the default schedule)."""
     from tvm import relax
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
@@ -135,10 +137,11 @@ def schedule(mod, preset: Preset, database=None, default_keys=frozenset()):
     report.default_schedule = sorted(
         name for name in functions if name not in report.from_records and name not in report.unscheduled
     )
-    report.default_by_measurement = [
-        name for name in report.default_schedule
-        if default_keys and workload_key(_normalize_mod(functions[name])) in default_keys
-    ]
+    for name in report.default_schedule:
+        entry = (defaults or {}).get(workload_key(_normalize_mod(functions[name])))
+        if entry is not None:
+            measured = entry["default_ms"] is not None
+            (report.default_by_measurement if measured else report.default_builder_only).append(name)
     return mod, report
 
 
@@ -189,7 +192,7 @@ def kernel_variants(mod) -> list[dict]:
     return variants
 
 
-def build(mod, preset: Preset, database=None, default_keys=frozenset()):
+def build(mod, preset: Preset, database=None, defaults=None):
     """Compile a Relax module (as imported) for a preset. Returns (VMExecutable, BuildReport)."""
     import tvm
     from tvm import relax
@@ -198,7 +201,7 @@ def build(mod, preset: Preset, database=None, default_keys=frozenset()):
     backend = _backend(target)
     mod = prepare(mod, target)
     variants = kernel_variants(mod)
-    mod, report = schedule(mod, preset, database, default_keys)
+    mod, report = schedule(mod, preset, database, defaults)
     report.kernel_variants = variants
     report.kernel_calls = kernel_calls(mod)
 

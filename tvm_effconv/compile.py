@@ -141,12 +141,18 @@ def compile_model(
             f"never measured on a device); tune on a device to replace them: python -m tvm_effconv.tune {model} "
             f"--target {preset.name}")
     log(f"compiling for {preset.name}: {json.dumps(preset.target_dict)}")
-    executable, report = build(mod, preset, found.database, frozenset(found.defaults))
-    untuned = [name for name in report.default_schedule if name not in report.default_by_measurement]
+    executable, report = build(mod, preset, found.database, found.defaults)
+    kept = report.default_by_measurement + report.default_builder_only
+    untuned = [name for name in report.default_schedule if name not in kept]
     total = len(report.default_schedule) + len(report.from_records) + len(report.unscheduled)
     if report.default_by_measurement:
         log(f"{len(report.default_by_measurement)} of {total} workloads keep the default schedule, which measured faster "
             f"than tuning ({folder / DEFAULTS_FILE}): " + ", ".join(report.default_by_measurement))
+    if report.default_builder_only:
+        log(f"note: {len(report.default_builder_only)} of {total} workloads have builder-only entries in "
+            f"{folder / DEFAULTS_FILE} (the default schedule, built, never measured on a device); tune on a device "
+            f"to measure them: python -m tvm_effconv.tune {model} --target {preset.name} --rpc-tracker HOST:PORT "
+            "--rpc-key KEY: " + ", ".join(report.default_builder_only))
     if untuned:
         log(f"{len(untuned)} of {total} workloads had no tuning record in {folder} and use the default schedule: "
             + ", ".join(untuned))
@@ -213,6 +219,7 @@ def compile_model(
                 "unmeasured": found.unmeasured,
                 "applied": report.from_records,
                 "default_by_measurement": report.default_by_measurement,
+                "default_builder_only": report.default_builder_only,
                 "missing": untuned,
             },
             "unscheduled": report.unscheduled,

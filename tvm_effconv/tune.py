@@ -10,9 +10,10 @@ locally; a device measures through an RPC tracker, which spreads the candidates 
 registered under the key. Measured records land in a work database as they come; at the end, or when
 the run is interrupted, they are merged into the records folder (best per workload, one atomic
 rename). Running the same command again resumes: tasks already tuned with the requested trials are
-skipped. Where no device can measure (a CUDA preset on a machine without a GPU), ``--builder-only``
-records each task's default schedule, built but not measured, marked as such (see
-``tuning.UNMEASURED_SECONDS``): any later measured record replaces it.
+skipped. Where no device can measure (a CUDA preset on a machine without a GPU; an emulated ARM device,
+whose timings mean nothing), ``--builder-only`` records each task's default schedule, built but not
+measured, marked as such (see ``tuning.UNMEASURED_SECONDS`` and ``tuning.DEFAULTS_FILE``): any later
+measured record replaces it.
 """
 
 import argparse
@@ -341,45 +342,61 @@ def _extract_tasks(model: str, preset, only, input_shapes, trust_pickle) -> tupl
 
 def record_default_schedules(model: str, target: str, records: str | None = None, only: list[str] = (),
                              input_shapes: list[str] = (), trust_pickle: bool = False, log=print) -> TuneReport:
-    """Builder-only records: each task's GPU default schedule, built to check it compiles, committed with
-    the run time UNMEASURED_SECONDS. Records already measured for a workload are kept (they are faster)."""
+    """Builder-only records where no device can measure: each task's default schedule, built (cross-built
+    for ARM) to check it compiles, and committed as not measured. On a GPU the default is a single trace,
+    committed as a MetaSchedule record with the run time UNMEASURED_SECONDS; on a CPU it packs weights at
+    compile time (no trace holds that), so the record is a DEFAULTS_FILE entry without times. Either
+    kind is replaced by any later measurement of the workload."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     preset = get_preset(target)
-    if preset.family != "cuda":
-        raise EffconvError(
-            f"--builder-only is for GPU presets, whose default schedules are single traces; {preset.name} is measured "
-            "on its device instead (see --rpc-tracker)"
-        )
-    tasks, _ = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
+    tasks, constants = _extract_tasks(model, preset, only, input_shapes, trust_pickle)
     folder = records_dir(preset.name, records)
     report = TuneReport(preset=preset.name, records=folder)
     started = time.time()
+    existing = load_records(folder, preset.target)
+    results = [TaskResult(task.task_name, int(task.weight)) for task in tasks]
+    report.tasks = results
     traced = []
-    for task in tasks:
-        result = TaskResult(task.task_name, int(task.weight))
-        report.tasks.append(result)
-        sch = gpu_default_trace(task.dispatched[0]["main"], preset.target)
-        if sch is None:
-            result.note = "no default schedule: left out"
+    for task, result in zip(tasks, results):
+        if preset.family == "cuda":
+            sch = gpu_default_trace(task.dispatched[0]["main"], preset.target)
+            if sch is None:
+                result.note = "no default schedule: left out"
+                continue
+        elif workload_key(task.dispatched[0]) in existing.defaults or (
+                existing.database is not None and existing.database.has_workload(task.dispatched[0])):
+            result.note = "has a record (kept)"
+            continue
         else:
-            traced.append((task, result, sch))
-    builder = ms.builder.LocalBuilder(timeout_sec=120, f_build=build_candidate)
-    built = builder.build([ms.builder.BuilderInput(sch.mod, preset.target) for _, _, sch in traced])
+            sch = None  # built from the module compile would build
+        traced.append((task, result, sch))
+    modules = [sch.mod if sch is not None else _default_module(task, preset, constants) for task, _, sch in traced]
+    f_export = functools.partial(export_shared_object, compiler=preset.cross_compiler) if preset.cross_compiler else None
+    builder = ms.builder.LocalBuilder(timeout_sec=120, f_build=build_candidate, f_export=f_export)
+    built = builder.build([ms.builder.BuilderInput(mod, preset.target) for mod in modules])
     database = ms.database.MemoryDatabase()
     unmeasured = [tvm.tirx.FloatImm("float64", UNMEASURED_SECONDS)]
+    verdicts = {}
     for (task, result, sch), build_result in zip(traced, built):
         if build_result.error_msg is not None:
             result.note = "default schedule does not build: left out: " + build_result.error_msg.strip().splitlines()[-1]
             continue
+        result.note = "builder-only: built, not measured"
+        if sch is None:
+            verdicts[workload_key(task.dispatched[0])] = {
+                "workload_key": workload_key(task.dispatched[0]), "task": task.task_name,
+                "target": target_identity(preset.target), "default_ms": None, "tuned_ms": None}
+            continue
         workload = database.commit_workload(task.dispatched[0])
         args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
         database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, unmeasured, preset.target, args))
-        result.note = "builder-only: built, not measured"
-    log(f"{len(tasks)} task(s): {len(database.get_all_tuning_records())} default schedule(s) built for {preset.name}")
-    written = merge_into_records(folder, None, preset.target, log, extra=[database])
-    log(f"records: {written} workload(s) in {folder} (builder-only ones are replaced by any measured record)")
+    made = len(verdicts) + len(database.get_all_tuning_records())
+    log(f"{len(tasks)} task(s): {made} default schedule(s) built for {preset.name}")
+    written = merge_into_records(folder, None, preset.target, log, extra=[database], verdicts=verdicts)
+    log(f"records: {written} workload(s) and {len(verdicts)} default-schedule entries in {folder} "
+        "(builder-only ones are replaced by any measured record)")
     report.seconds = time.time() - started
     return report
 
@@ -523,7 +540,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=60, help="seconds per measurement session")
     parser.add_argument("--prune", action="store_true", help="keep only the best record per workload and exit")
     parser.add_argument("--builder-only", action="store_true",
-                        help="GPU presets without a GPU here: record the default schedules, built but not measured")
+                        help="no device to measure on: record the default schedules, built but not measured")
     args = parser.parse_args(argv)
     if not args.target and not args.records:
         parser.error("--target is required")

@@ -24,7 +24,8 @@ DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
 # The workloads whose default schedule measured faster than every tuned candidate: one JSON object per
 # line, {"workload_key", "task", "target", "default_ms", "tuned_ms"}. Compile keeps the default for them
 # and counts them as covered; their records stay in the database (they are MetaSchedule's best, which a
-# comparison with MetaSchedule alone needs) but are not applied.
+# comparison with MetaSchedule alone needs) but are not applied. A builder-only entry (tune --builder-only
+# on a CPU preset, where no device measures) has both times null: the default was built, never measured.
 DEFAULTS_FILE = "default_schedules.json"
 # Besides those, a records folder may hold a README that says how the records were made.
 ALLOWED_EXTRA = ("README.md", DEFAULTS_FILE)
@@ -130,6 +131,9 @@ def load_records(directory: Path, target) -> Records:
             found.problems.append(f"{WORKLOAD_FILE} line {number} is not a valid workload; skipped it")
             workloads.append(None)
 
+    from .intrin import register_all
+
+    register_all()  # replaying a record's trace needs the tensor intrinsics it names
     database, others, superseded = (ms.database.MemoryDatabase() for _ in range(3))
     foreign_targets: dict[str, int] = {}
     for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):

@@ -64,3 +64,13 @@ def dp4a_intrin(scope_a: str = "global", scope_b: str = "global", scope_c: str =
 # record looks the intrinsic up by name before any schedule rule runs.
 for _dtype in ("int8", "uint8"):
     dp4a_intrin("global", "local", "local", _dtype)
+
+
+def register_all() -> None:
+    """Register every dp4a variant: a record's trace names the one its schedule used, and replaying it
+    (reading a records folder) needs that intrinsic before any rule has run."""
+    for dtype_a in ("int8", "uint8"):
+        for scope_a in SCOPES:
+            for scope_b in SCOPES:
+                for scope_c in SCOPES:
+                    dp4a_intrin(scope_a, scope_b, scope_c, dtype_a)
