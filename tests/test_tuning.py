@@ -191,7 +191,9 @@ def test_tuning_through_a_tracker_on_the_emulated_device(rpc_tracker, tmp_path):
                             log=lines.append)
     assert report.emulated and any("mean nothing" in line for line in lines)
     assert report.tasks and all(t.trials >= 2 and t.tuned_ms for t in report.tasks)
-    assert load_records(folder, get_preset("arm-a72").target).records >= 1
+    found = load_records(folder, get_preset("arm-a72").target)
+    # Every task ends as a record, or as the verdict that the default measured faster (record kept aside).
+    assert found.records + len(found.defaults) >= len(report.tasks) and found.problems == []
 
 
 def test_tuning_an_arm_preset_needs_a_tracker():
@@ -252,11 +254,6 @@ def test_builder_only_records_apply_and_lose_to_measured_ones(tmp_path):
     merged = load_records(folder, target)
     assert merged.records == found.records and merged.unmeasured == found.unmeasured - 1
     assert min(mean_seconds(r.run_secs) for r in merged.database.get_all_tuning_records()) < UNMEASURED_SECONDS
-
-
-def test_builder_only_is_for_gpu_presets():
-    with pytest.raises(EffconvError, match="GPU presets"):
-        record_default_schedules(TINY, "host", log=quiet)
 
 
 # --- custom schedule rules: the mechanism the op issues plug into ----------------------------------
