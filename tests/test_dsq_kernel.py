@@ -345,15 +345,16 @@ def test_the_dsq_resnet_compiles_and_verifies_on_the_host(bits, tmp_path):
     assert paths == {dsq.kernel_path(get_preset("host").target, bits, bits).path}
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("preset_name", [pytest.param("arm", marks=pytest.mark.emulated), "cuda"])
-def test_the_dsq_resnet_compiles_for_arm_and_cuda(preset_name, tmp_path):
+def test_the_dsq_resnet_compiles_for_arm_and_cuda(preset_name, bits, tmp_path):
     import json
 
     from tvm_effconv.compile import compile_model
 
     if preset_name == "cuda" and shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed")
-    out = compile_model("tvm_effconv.models.resnet:resnet18_dsq_small_2bit", preset_name, tmp_path / "out",
+    out = compile_model(f"tvm_effconv.models.resnet:resnet18_dsq_small_{bits}bit", preset_name, tmp_path / "out",
                         log=lambda _m: None)
     verification = json.loads((out / "manifest.json").read_text())["verification"]
     assert verification["status"] in (("passed", "compiled") if preset_name == "cuda" else ("passed",)), verification
