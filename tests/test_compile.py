@@ -198,3 +198,37 @@ def test_saved_archives_of_effconv_ops_load_in_a_fresh_process(op, tmp_path):
     script = f"from tvm_effconv import frontend; print(frontend.load_model({str(path)!r}, [], False).kind)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("model, shape", [
+    (torch.nn.PReLU(6), (2, 6, 5, 7)),  # one slope per channel
+    (torch.nn.PReLU(), (3, 10)),  # one slope for all
+    (torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.PReLU(6)), (1, 3, 9, 9)),  # fused epilogue
+])
+def test_prelu_converts_branch_free_and_matches_pytorch_exactly(model, shape):
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from tvm_effconv import frontend
+    from tvm_effconv.targets import get_preset
+
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.PReLU):
+            with torch.no_grad():
+                module.weight.uniform_(-0.5, 0.5)  # negative slopes too
+    model.eval()
+    x = torch.randn(*shape)
+    x.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-38, -1e-38])  # zeros and denormals take the right branch
+    preset = get_preset("host")
+    with torch.no_grad():
+        expected = model(x).numpy()
+        mod = frontend.to_relax(torch.export.export(model, (x,)), preset.target)
+    assert "nn.prelu" not in mod.script()
+    executable, _ = build_module.build(mod, preset)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    if isinstance(model, torch.nn.PReLU):
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

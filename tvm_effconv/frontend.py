@@ -48,7 +48,26 @@ def effconv_convert_map(target, constants: dict) -> dict:
         varg.QCONV_OP_NAME: varg.qconv_converter(target, constants, folded),  # int8 VarG convs
         lccl.OP_NAME: lccl.converter(target, constants, folded),
         BATCH_NORM_OP: batch_norm,
+        PRELU_OP: prelu,
     }
+
+
+PRELU_OP = "prelu.default"
+
+
+def prelu(node, importer):
+    """PyTorch's PReLU as max(x, 0) + slope * min(x, 0), exactly its x > 0 ? x : slope * x: TVM's
+    importer emits a select, which becomes a branch per element (mispredicted at random signs) where it
+    fuses into a kernel's unrolled write-out; this form stays branch-free."""
+    from tvm import relax
+
+    x, slope = importer.env[node.args[0]], importer.env[node.args[1]]
+    rank = len(x.struct_info.shape)
+    if rank >= 2:  # one slope per channel (dim 1), or a single one
+        slope = relax.op.reshape(slope, [1, slope.struct_info.shape[0]] + [1] * (rank - 2))
+    zero = relax.const(0.0, x.struct_info.dtype)
+    positive, negative = relax.op.maximum(x, zero), relax.op.minimum(x, zero)
+    return importer.block_builder.emit(relax.op.add(positive, relax.op.multiply(slope, negative)))
 
 
 def constant_argument(constants: dict, arg, op: str, name: str):
