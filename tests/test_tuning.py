@@ -256,6 +256,42 @@ def test_builder_only_records_apply_and_lose_to_measured_ones(tmp_path):
     assert min(mean_seconds(r.run_secs) for r in merged.database.get_all_tuning_records()) < UNMEASURED_SECONDS
 
 
+def test_one_workload_spelled_with_other_block_names_keeps_both_records_valid(tmp_path):
+    """TOPI names a reduction after its input (lv69_red, lv96_red): two models' means are one workload by
+    structural hash, which ignores names, and the database stores it once; the second model's record must
+    still replay (its trace, rfactor's new block included, refers to the stored names)."""
+    from tvm import te, topi
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import Schedule
+
+    from tvm_effconv.tuning import write_records
+
+    def mean_module(name):
+        x = te.placeholder((1, 64, 7, 7), name=name)
+        return tvm.IRModule({"main": te.create_prim_func([x, topi.sum(x, axis=[2, 3], keepdims=True)])})
+
+    target = get_preset("host").target
+    records = []
+    for name, seconds in (("lv96", 2e-6), ("lv69", 1e-6)):
+        mod = mean_module(name)
+        sch = Schedule(mod)
+        block = sch.get_sblock(f"{name}_red")
+        inner, = sch.split(sch.get_loops(block)[-1], [None, 7])[1:]
+        sch.get_sblock(sch.get(sch.rfactor(inner, 0)).name_hint)  # a block the trace creates, found by name
+        records.append(ms.database.TuningRecord(
+            sch.trace, ms.database.Workload(mod), [tvm.tirx.FloatImm("float64", seconds)], target,
+            ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    assert "lv69_red_rf" in str(records[1].trace)
+    write_records(tmp_path / "host", sorted(records, key=lambda r: mean_seconds(r.run_secs), reverse=True))
+    found = load_records(tmp_path / "host", target)
+    assert found.problems == [] and found.records == 2 and found.workloads == 1
+    best = min(found.database.get_all_tuning_records(), key=lambda r: mean_seconds(r.run_secs))
+    assert "lv96_red_rf" in str(best.trace)  # the lv69 record, now naming the stored workload's blocks
+    sch = Schedule(best.workload.mod)
+    best.trace.apply_to_schedule(sch, remove_postproc=False)
+    sch.get_sblock("lv96_red_rf")  # replayed: rfactor made it
+
+
 # --- custom schedule rules: the mechanism the op issues plug into ----------------------------------
 
 

@@ -224,6 +224,44 @@ def best_records(databases) -> list:
     return [record for _, record in sorted(best.values(), key=lambda item: item[0])]
 
 
+def _block_names(mod) -> list[str]:
+    """The SBlock names of ``mod``'s function, in a fixed (pre-order) traversal."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    names, stack = [], [sch.get_sblock("root", func_name=sch.mod.get_global_vars()[0].name_hint)]
+    while stack:
+        block = stack.pop()
+        names.append(sch.get(block).name_hint)
+        stack.extend(reversed(sch.get_child_blocks(block)))
+    return names
+
+
+def _under(record, workload):
+    """``record`` stored under ``workload``: the JSON database keeps one workload per structural hash,
+    which ignores block names, while a trace finds its blocks by name (TOPI names a reduction after its
+    input, ``lv69_red``, so a mean of two models is one workload with two spellings). The trace's block
+    names are mapped to the stored workload's (blocks the trace creates, ``lv69_red_rf``, by prefix)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    renamed = {old: new for old, new in zip(_block_names(record.workload.mod), _block_names(workload.mod)) if old != new}
+    if not renamed:
+        return ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+
+    def rename(name: str) -> str:
+        for old, new in renamed.items():
+            if name == old or name.startswith(old + "_"):
+                return new + name[len(old):]
+        return name
+
+    trace, *rest = record.as_json()
+    instructions, decisions = trace
+    for instruction in instructions:
+        if instruction[0] == "GetSBlock":
+            instruction[2][0] = rename(instruction[2][0])
+    return ms.database.TuningRecord.from_json([[instructions, decisions], *rest], workload)
+
+
 def write_records(directory: Path, records: list, defaults: list | None = None) -> None:
     """Write ``records`` (one per workload) as a MetaSchedule JSON database, and ``defaults`` (entries of
     DEFAULTS_FILE) unless None, replacing the folder's database in a single rename. Other files in the
@@ -242,9 +280,7 @@ def write_records(directory: Path, records: list, defaults: list | None = None) 
         )
         for record in records:
             workload = database.commit_workload(record.workload.mod)
-            database.commit_tuning_record(
-                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
-            )
+            database.commit_tuning_record(_under(record, workload))
         del database
         written = DATABASE_FILES
         if defaults is not None:
