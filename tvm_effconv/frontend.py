@@ -62,10 +62,10 @@ def prelu(node, importer):
     from tvm import relax
 
     x, slope = importer.env[node.args[0]], importer.env[node.args[1]]
-    rank = len(x.struct_info.shape)
+    rank = x.ty.ndim
     if rank >= 2:  # one slope per channel (dim 1), or a single one
-        slope = relax.op.reshape(slope, [1, slope.struct_info.shape[0]] + [1] * (rank - 2))
-    zero = relax.const(0.0, x.struct_info.dtype)
+        slope = relax.op.reshape(slope, [1, slope.ty.shape[0]] + [1] * (rank - 2))
+    zero = relax.const(0.0, x.ty.dtype)
     positive, negative = relax.op.maximum(x, zero), relax.op.minimum(x, zero)
     return importer.block_builder.emit(relax.op.add(positive, relax.op.multiply(slope, negative)))
 
@@ -331,12 +331,22 @@ def load_model(spec: str, input_specs: list[InputSpec] = (), trust_pickle: bool 
     return LoadedModel(name=name, kind=kind, exported=exported, example_inputs=inputs, reference=reference)
 
 
+def _decompositions() -> dict:
+    """torch.export's default decompositions, less the aten ops that :func:`effconv_convert_map` converts
+    itself (PReLU would arrive as greater/multiply/where)."""
+    import torch
+
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.prelu.default)
+    return table
+
+
 def to_relax(exported, target):
     """Import an ExportedProgram into a Relax IRModule for ``target`` (parameters bound as constants)."""
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    exported = exported.run_decompositions()
+    exported = exported.run_decompositions(_decompositions())
     custom = effconv_convert_map(target, graph_constants(exported))
     known = set(ExportedProgramImporter().create_convert_map()) | set(custom)
     missing: dict[str, int] = {}
