@@ -228,6 +228,9 @@ def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
 # Bytes of the separable unit's intermediate per spatial tile without a tuning record: a tile of
 # ``varg_mid`` this size stays in L1/L2 between the grouped conv that writes it and the pointwise conv.
 CACHE_TILE_BYTES = 64 * 1024
+# Cache tiles the default asks for at least (where the rows allow): the tiles are the parallel loop, and
+# one tile of a small layer (7 x 7 outputs) left every core but one idle: 2 threads ran slower than 1.
+MIN_PARALLEL_TILES = 8
 
 
 def default_separable_tile(group_vectors: int, out_vectors: int, height: int, width: int, mid_channels: int,
@@ -235,11 +238,13 @@ def default_separable_tile(group_vectors: int, out_vectors: int, height: int, wi
     """The separable kernel's tiles without a tuning record: the grouped conv's register tile (kv, yt, xt)
     as :func:`default_tile` picks it, the pointwise conv's weight vectors per tile (the most that fit
     beside the same yt x xt positions), and the cache tile: whole rows (every column), as many as keep the
-    intermediate within CACHE_TILE_BYTES."""
+    intermediate within CACHE_TILE_BYTES and leave at least MIN_PARALLEL_TILES tiles (or one per row)."""
     budget = tile_budget(registers)
     kv, yt, xt = default_tile(group_vectors, height, width, registers)
     out_kv = max((d for d in divisors(out_vectors) if d <= 8 and budget.fits(d, yt, xt)), default=1)
-    rows = max(d for d in divisors(height // yt) if d == 1 or d * yt * width * mid_channels * 4 <= CACHE_TILE_BYTES)
+    row_tiles = height // yt
+    rows = max(d for d in divisors(row_tiles) if d == 1 or (d * yt * width * mid_channels * 4 <= CACHE_TILE_BYTES
+                                                           and row_tiles // d >= min(MIN_PARALLEL_TILES, row_tiles)))
     return {
         "kv": [group_vectors // kv, kv],
         "out_kv": [out_vectors // out_kv, out_kv],
