@@ -78,6 +78,12 @@ def parse_args(argv=None):
     return args
 
 
+def inside_checkout(text: str) -> str:
+    """``text`` with the paths inside this checkout written relative to it: the pages are committed, and
+    the folder they were measured in means nothing elsewhere."""
+    return text.replace(str(BENCH.parent) + "/", "")
+
+
 def machine_name(cpu: str, llvm_mcpu: str) -> str:
     """A file name from the CPU model and LLVM's name for the core, e.g. amd-epyc-znver3."""
     text = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\bprocessor\b|\d+-core", " ", cpu.lower())
@@ -165,8 +171,8 @@ def main(argv=None) -> int:
     plots = report.plots(results, args.out, name)
     results["plots"] = plots
     results["figures"] = report.figures(results)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (args.out / f"{name}.md").write_text(report.page(results, plots))
+    (args.out / f"{name}.json").write_text(inside_checkout(json.dumps(results, indent=1, default=str) + "\n"))
+    (args.out / f"{name}.md").write_text(inside_checkout(report.page(results, plots)))
     log(f"wrote {args.out / (name + '.md')}, {name}.json and {len([p for p in plots.values() if 'file' in p])} plot(s)")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)

@@ -41,6 +41,8 @@ def test_quick_run_writes_the_page_the_json_and_the_plots(quick_run):
     context = results["context"]
     assert context["threads"] == 1 and context["cpu"] and context["logical_cpus"] >= 1 and context["llvm_mcpu"]
     assert "loadavg_end" in context and results["failures"] == []
+    checkout = str(Path(__file__).resolve().parents[1]) + "/"
+    assert checkout not in page and checkout not in (out / "ci-machine.json").read_text()  # committed pages
 
 
 def test_every_figure_has_its_machine_and_threads(quick_run):
