@@ -249,7 +249,7 @@ def _under(record, workload):
         return ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
 
     def rename(name: str) -> str:
-        for old, new in renamed.items():
+        for old, new in sorted(renamed.items(), key=lambda pair: -len(pair[0])):  # the longest name that fits
             if name == old or name.startswith(old + "_"):
                 return new + name[len(old):]
         return name
