@@ -105,11 +105,31 @@ class Timed:
         return statistics.median(self.results) * 1e3
 
 
+# Untimed calls of a system before each of its timed repeats, when more than one thread runs. A runtime's
+# idle worker threads keep spinning for milliseconds after its last parallel region (libgomp's default,
+# PyTorch's; TVM's pool likewise) and, with no spare core, slow whatever runs next: at 2 threads on a
+# 2-core host, interleaving PyTorch's grouped conv with ours slowed ours 2.4x and PyTorch's 1.7x, which
+# no deployment (one runtime at a time) sees. After 5 ms of its own calls each ran at its solo speed.
+SETTLE_S = 0.01
+
+
+def threads() -> int:
+    import os
+
+    return int(os.environ.get("TVM_NUM_THREADS", "1"))
+
+
 def measure(measurements: dict, repeat: int, repeat_s: float) -> None:
+    """``repeat`` rounds, each one timed repeat of every measurement in turn (interleaved: the noise of a
+    shared machine falls on all alike), each preceded by SETTLE_S of untimed calls when threads > 1."""
+    settle_s = SETTLE_S if threads() > 1 else 0.0
     for timed in measurements.values():
         timed.calibrate(repeat_s)
-    for _ in range(repeat):  # interleaved: round r takes one repeat of each
+    for _ in range(repeat):
         for timed in measurements.values():
+            end = time.perf_counter() + settle_s
+            while time.perf_counter() < end:
+                timed.once()
             timed.results.append(timed.once())
 
 

@@ -71,7 +71,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tvm
-from common import Timed, compile_ours, cpu_model, geomean, measure
+import peak
+from common import SETTLE_S, Timed, compile_ours, cpu_model, geomean, measure
 from torch import nn
 from tvm import relax
 
@@ -261,13 +262,6 @@ def unit_table(rows, statistic):
     return lines
 
 
-def cpu_mhz() -> float:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("cpu MHz"):
-            return float(line.split(":", 1)[1])
-    return float("nan")
-
-
 def table(rows, statistic):
     head = ("| layer (in -> out, size, stride) | x in net | groups | ours ms | tvm default ms | grouped ms | dw+pw ms "
             "| ours GMAC/s | grouped GMAC/s | dw+pw GMAC/s | tvm default / ours | grouped / ours | dw+pw / ours "
@@ -298,9 +292,7 @@ def main(args):
         "torch": torch.__version__, "tvm": tvm.__version__, "python": platform.python_version(),
         "repeat": args.repeat, "repeat_ms": args.repeat_ms, "argv": sys.argv[1:], "loadavg_start": os.getloadavg(),
     }
-    info["cpu_mhz"] = cpu_mhz()
-    info["simd_lanes"] = 16 if "avx512f" in Path("/proc/cpuinfo").read_text() else 8
-    info["peak_gmacs"] = 2 * info["simd_lanes"] * info["cpu_mhz"] / 1e3 * args.threads
+    info["peak"] = peak.measure(args.threads, args.quick)  # what the GMAC/s columns are out of
     shapes = layer_shapes()
     if args.quick:
         shapes = shapes[:3]
@@ -331,7 +323,8 @@ def main(args):
         "",
         (f"{info['date']}; {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['affinity_cpus']} usable), "
         f"LLVM cpu {info['llvm_mcpu']}; {args.threads} thread(s) for TVM and PyTorch; torch {info['torch']}, "
-        f"tvm {info['tvm']}; {args.repeat} interleaved repeats of ~{args.repeat_ms:g} ms; batch 1, float32, "
+        f"tvm {info['tvm']}; {args.repeat} interleaved repeats of ~{args.repeat_ms:g} ms (at threads > 1 each after "
+        f"{SETTLE_S * 1e3:g} ms of untimed calls, see bench/common.py); batch 1, float32, "
         f"group_base 8; load average {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end."),
         "",
         ("ours: `python -m tvm_effconv.compile`'s pipeline, default schedule (no tuning records). tvm default: "
@@ -340,8 +333,9 @@ def main(args):
         "output shape (its GMAC/s counts its own, fewer, MACs). X / ours > 1: ours faster. `x in net`: how often "
         "the layer occurs in VarGNet (224x224); `ref`: the issue's reference layer."),
         "",
-        (f"fp32 peak of one core: {info['peak_gmacs']:.0f} GMAC/s ({info['simd_lanes']} lanes x 2 FMA pipes x "
-         f"{info['cpu_mhz']:.0f} MHz as /proc/cpuinfo reports it; more if the core boosts)."),
+        (f"fp32 peak, measured (bench/peak.py, {info['peak']['fp32']['instruction']}): "
+         + ", ".join(f"{rate / 1e9:.0f} GMAC/s on {n} thread(s)" for n, rate in info["peak"]["fp32"]["macs_per_s"].items())
+         + "."),
         "",
         "## Median of the repeats",
         "",
