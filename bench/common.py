@@ -3,6 +3,7 @@ one layer, and interleaved timing. Imported by the scripts in bench/ (run as ``p
 imports torch and TVM only inside its functions, so that a script can set TVM_NUM_THREADS first."""
 
 import math
+import os
 import platform
 import statistics
 import time
@@ -114,8 +115,6 @@ SETTLE_S = 0.01
 
 
 def threads() -> int:
-    import os
-
     return int(os.environ.get("TVM_NUM_THREADS", "1"))
 
 
