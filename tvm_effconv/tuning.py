@@ -133,7 +133,7 @@ def load_records(directory: Path, target) -> Records:
 
     from .intrin import register_all
 
-    register_all()  # replaying a record's trace needs the tensor intrinsics it names
+    register_all(paths[1].read_text())  # replaying a record's trace needs the tensor intrinsics it names
     database, others, superseded = (ms.database.MemoryDatabase() for _ in range(3))
     foreign_targets: dict[str, int] = {}
     for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):
