@@ -164,6 +164,28 @@ def test_sampled_knobs_build_and_compute_on_the_host(seed):
     assert_close(out.numpy(), want)
 
 
+@pytest.mark.parametrize("key, preset_name", [("cpu", "host"), ("arm_cpu", "arm-a53")])
+def test_write_out_transposes_the_register_tile_on_x86_only(key, preset_name):
+    from tvm import s_tir
+
+    from tvm_effconv.schedule_rules import RULES
+
+    from tvm_effconv.intrin.transpose import transpose_name
+    from tvm_effconv.ops.varg import cpu
+
+    target = get_preset(preset_name).target
+    func, _, _ = kernel_case(SHAPES["gb8-factor2-stride1-odd"], target, 0)
+    sch = s_tir.Schedule(func)
+    conv = sch.get_sblock(compute.CONV_BLOCK)
+    RULES[(compute.SCHEDULE_RULE, key)].function(sch, conv, DefaultKnobs(), "default")
+    tensorized = [str(inst.attrs[0]) for inst in sch.trace.insts if inst.kind.name == "Tensorize"]
+    # the default tile row: all 7 output columns, one register of a group's 16 channels (or a half, AVX2)
+    lanes = cpu.vector_lanes(target, 16)
+    assert tensorized == ([transpose_name(7, lanes, "float32", "global")] if key == "cpu" else [])
+    # the float tile is a stack array, not a workspace allocated per tile (see ops/varg/cpu.py)
+    assert sch.get(conv).writes[0].source.scope() == "global"
+
+
 def test_x86_assembly_broadcasts_inputs_and_vectorises_channels():
     model, x = make_unit(SHAPES["gb8-factor2-stride1-odd"])
     executable, _ = compile_model(model, x, get_preset("host"))

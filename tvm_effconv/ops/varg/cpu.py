@@ -18,9 +18,12 @@ rows and of the output columns into (outer, register tile). The fused unit's rul
 :func:`schedule_varg_separable_cpu`.
 """
 
+import functools
+
 from tvm.target import codegen
 
 from ...intrin import x86 as x86_intrin
+from ...intrin.transpose import transpose_intrin
 from ...schedule_rules import (
     RegisterBudget,
     divisors,
@@ -148,14 +151,29 @@ def tile_grouped_conv(sch, conv, lanes: int, groups: int, tiles):
     return loops
 
 
-def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None) -> None:
-    """``block``'s tile accumulates in registers (``local``) over the ``reduction`` loop and the
-    ``unrolled`` tile loops, the ``vector`` loop (if given) vectorised; ``writeback`` (its consumer: bias,
-    activation) runs once per tile, at loop ``at``, its tile loops unrolled."""
-    sch.set_scope(block, 0, "local")
+# Scope of the register tiles' buffers. TVM lowers a CPU buffer to a stack array only in scope "global"
+# (and under 1 KiB); one in "local" is a TVMBackendAllocWorkspace call per tile: 6% of the reference
+# layer's time (Emerald Rapids). LLVM keeps the tile in registers either way. The dot intrinsics declare
+# their accumulators "local", so the int8 tiles that use one keep that scope.
+REGISTER_SCOPE = "global"
+
+
+def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None, transpose=None,
+                            scope=REGISTER_SCOPE) -> None:
+    """``block``'s tile accumulates in registers (a small buffer in ``scope``) over the ``reduction``
+    loop and the ``unrolled`` tile loops, the ``vector`` loop (if given) vectorised; ``writeback`` (its
+    consumer: bias, activation) runs once per tile, at loop ``at``, its tile loops unrolled. With
+    ``transpose`` (lanes per register, positions per tile row) the tile is first transposed in registers
+    (:func:`transpose_tile`) and the write-out vectorised along the positions."""
+    sch.set_scope(block, 0, scope)
     depth = 1 + [sch.get(loop).same_as(sch.get(at)) for loop in sch.get_loops(block)].index(True)
     sch.reverse_compute_at(writeback, at, preserve_unit_loops=True)
-    for loop in sch.get_loops(writeback)[depth:]:
+    tile_loops = sch.get_loops(writeback)[depth:]
+    if transpose is not None:
+        transpose_tile(sch, block, writeback, *transpose)
+        sch.vectorize(tile_loops[-1])
+        tile_loops = tile_loops[:-1]
+    for loop in tile_loops:
         sch.unroll(loop)
     if vector is not None:  # before the reduction's init is split off: vectorize needs it in place
         sch.vectorize(vector)
@@ -163,6 +181,23 @@ def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vect
         sch.unroll(loop)
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def transpose_tile(sch, block, writeback, lanes: int, rows: int) -> None:
+    """Copy ``block``'s register tile (n, y, x, k), channels innermost, into a second one (n, y, k, x),
+    positions innermost, by in-register transposes of ``rows`` positions x ``lanes`` channels
+    (:mod:`tvm_effconv.intrin.transpose`), so that ``writeback`` (NCHW) reads each channel's row of
+    positions as one vector instead of one lane of each register: on x86 (AVX-512) the lane extracts run
+    on the port of the second FMA unit."""
+    accumulator = sch.get(block).writes[0].source
+    index = [region.source.same_as(accumulator) for region in sch.get(writeback).reads].index(True)
+    copy = sch.cache_read(writeback, index, accumulator.scope())  # lands in the tile loop, before writeback
+    sch.transform_layout(copy, ("write", 0), lambda n, y, x, k: (n, y, k, x))
+    *_, x, k = sch.get_loops(copy)
+    kv, lane = sch.split(k, [None, lanes])
+    sch.reorder(kv, x, lane)
+    sch.unroll(kv)
+    sch.tensorize(x, transpose_intrin(rows, lanes, str(accumulator.dtype), accumulator.scope()))
 
 
 def prepare_input(sch) -> None:
@@ -185,10 +220,10 @@ def int8_tile_budget(intrinsic: str, registers: int) -> RegisterBudget:
     return RegisterBudget(registers, 1, 0 if x86 else 1, 1, 2)
 
 
-@register_rule(SCHEDULE_RULE, ["cpu", "arm_cpu"])
-def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
+def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default", transposed_writeout=True):
     """The grouped conv, float (FMA) or int8 (the dot intrinsic the dispatch annotated, or plain
-    widening multiplies that LLVM vectorises)."""
+    widening multiplies that LLVM vectorises); the register tile transposed for the write-out where
+    ``transposed_writeout`` (:func:`transpose_tile`)."""
     annotations = sch.get(conv).annotations
     lanes, groups = int(annotations[LANES_ANNOTATION]), int(annotations[GROUPS_ANNOTATION])
     intrinsic = str(annotations[DOT_ANNOTATION]) if DOT_ANNOTATION in annotations else None
@@ -217,7 +252,10 @@ def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default"):
         sch.reorder(loops["ri"], loops["lane"])
         unrolled.append(loops["ri"])
     vector = None if intrinsic not in (None, PLAIN) else loops["lane"]
-    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"], unrolled, vector)
+    rows = extent(sch, loops["xt"])
+    transpose = (lanes, rows) if transposed_writeout and rows > 1 else None
+    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"], unrolled, vector, transpose,
+                            REGISTER_SCOPE if vector is not None else "local")
     if vector is None:
         sch.tensorize(loops["lane"], intrinsic)
     for consumer in sch.get_consumers(writeback):  # blocks that could not be inlined
@@ -253,12 +291,12 @@ def default_separable_tile(group_vectors: int, out_vectors: int, height: int, wi
     }
 
 
-@register_rule(SEPARABLE_RULE, ["cpu", "arm_cpu"])
-def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default"):
+def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default", transposed_writeout=True):
     """The fused separable unit: per spatial (cache) tile, in parallel, the grouped conv writes the tile's
     intermediate for all channels (register tiles of kv vectors x yt x xt positions, activation applied
     as they are stored), then the pointwise conv reads it back from cache (register tiles of out_kv
-    vectors x the same yt x xt positions) and writes the output with its bias and activation.
+    vectors x the same yt x xt positions) and writes the output with its bias and activation (NCHW; its
+    tile transposed in registers first where ``transposed_writeout``).
 
     Knobs: the grouped conv's and the pointwise conv's weight vectors per register tile, and the rows and
     columns split three ways (cache tiles, register tiles per cache tile, register tile)."""
@@ -283,7 +321,9 @@ def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default"):
     tile = sch.fuse(n, yo, xo)
     sch.parallel(tile)
     inline_consumers(sch, writeback)
-    accumulate_in_registers(sch, pointwise, writeback, xi, rm, [yt, xt, kv], lane)
+    rows = extent(sch, xt)
+    transpose = (out_lanes, rows) if transposed_writeout and rows > 1 else None
+    accumulate_in_registers(sch, pointwise, writeback, xi, rm, [yt, xt, kv], lane, transpose)
 
     # the cache tile's intermediate, all its channels, written by the grouped conv's register tiles
     sch.compute_at(mid, tile, preserve_unit_loops=True)
@@ -297,3 +337,10 @@ def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default"):
     # the intermediate is channels-last: its store is vectorised along the tile's channels
     sch.vectorize(sch.get_loops(mid)[-1])
     keep_loops(sch)
+
+
+for _rule, _function in ((SCHEDULE_RULE, schedule_varg_conv2d_cpu), (SEPARABLE_RULE, schedule_varg_separable_cpu)):
+    # x86 transposes the write-out's tile (see transpose_tile); NEON keeps the lane stores, which issue on
+    # ports of their own there, and no ARM hardware measured the difference.
+    register_rule(_rule, ["cpu"])(_function)
+    register_rule(_rule, ["arm_cpu"])(functools.partial(_function, transposed_writeout=False))
