@@ -6,7 +6,9 @@ treats the groups as a batch: the parallel loop runs over (batch, group, channel
 inside it a register tile of ``kv`` weight vectors (``lanes`` output channels of one group each) x
 ``yt`` x ``xt`` output positions accumulates over the group's channels and the kernel taps (unrolled):
 one broadcast input value feeds ``kv`` vector FMAs, one weight vector ``yt * xt`` of them. The tile is
-written once, through the fused epilogue (folded batch norm's shift, PReLU/ReLU, residual adds).
+written once, through the fused epilogue (folded batch norm's shift, PReLU/ReLU, residual adds); on x86
+it is transposed in registers first, so that the NCHW write-out stores rows of positions
+(:func:`transpose_tile`).
 
 The int8 grouped conv has the same tile with int32 accumulators; per step one dot instruction per
 (four input channels, weight vector, position): ``sdot`` (dotprod), ``smull`` + pairwise adds (NEON
