@@ -12,8 +12,10 @@ fused epilogue (bias, ReLU, requantization of the next layer) applied on the way
 from tvm.target import codegen
 
 from ...intrin import arm as arm_intrin
+from ...intrin import in_scope
 from ...intrin import x86 as x86_intrin
 from ...schedule_rules import (
+    REGISTER_SCOPE,
     RegisterBudget,
     inline_consumers,
     inline_producers,
@@ -104,7 +106,7 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     # before tensorize: parallel needs the blocks under the loop complete or reductions with init
     sch.parallel(sch.fuse(n, kt, yo))
 
-    writeback = sch.cache_write(accumulate, 0, "local")
+    writeback = sch.cache_write(accumulate, 0, REGISTER_SCOPE)
     inline_consumers(sch, writeback)
     sch.reverse_compute_at(writeback, xo)
     for consumer in sch.get_consumers(writeback):  # the unpadding of odd channel counts
@@ -112,7 +114,7 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
 
     # Unit loops kept: the trace must have the same loops whatever tile sizes MetaSchedule samples.
     sch.compute_at(block_sum, rq, preserve_unit_loops=True)
-    sch.set_scope(block_sum, 0, "local")
+    sch.set_scope(block_sum, 0, REGISTER_SCOPE)
     inner = sch.get_loops(block_sum)[-10:]  # n, ko, block, r, s, y, x, lane, c4, i4
     bko, by, bx, blane, c4, i4 = (inner[i] for i in (1, 5, 6, 7, 8, 9))
     sch.reorder(c4, by, bko, bx, blane, i4)
@@ -123,7 +125,7 @@ def schedule_dsconv2d_cpu(sch, accumulate, knobs, variant):
     init = sch.decompose_reduction(block_sum, c4)
     sch.vectorize(sch.get_loops(init)[-1])
     if intrinsic != PLAIN:
-        sch.tensorize(blane, intrinsic)
+        sch.tensorize(blane, in_scope(intrinsic, REGISTER_SCOPE))
     for loop in (by, bko, bx):
         sch.unroll(loop)
 

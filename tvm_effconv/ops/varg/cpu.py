@@ -28,6 +28,7 @@ from ...intrin import in_scope
 from ...intrin import x86 as x86_intrin
 from ...intrin.transpose import transpose_intrin
 from ...schedule_rules import (
+    REGISTER_SCOPE,
     RegisterBudget,
     divisors,
     inline_consumers,
@@ -152,12 +153,6 @@ def tile_grouped_conv(sch, conv, lanes: int, groups: int, tiles):
     order = ("n", "g", "kt", "yo", "xo", "rc", "rr", "rs", "yt", "xt", "kv", "lane", "ri")
     sch.reorder(*(loops[name] for name in order if name in loops))
     return loops
-
-
-# Scope of the register tiles' buffers. TVM lowers a CPU buffer to a stack array only in scope "global"
-# (and under 1 KiB); one in "local" is a TVMBackendAllocWorkspace call per tile: 6% of the float reference
-# layer's time, 39% of the int8 one's (Emerald Rapids). LLVM keeps the tile in registers either way.
-REGISTER_SCOPE = "global"
 
 
 def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None, transpose=None,
