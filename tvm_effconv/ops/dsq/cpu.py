@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from tvm.target import codegen
 
 from ...intrin import arm as arm_intrin
+from ...intrin import in_scope
 from ...schedule_rules import (
+    REGISTER_SCOPE,
     RegisterBudget,
     inline_consumers,
     inline_producers,
@@ -90,7 +92,7 @@ def schedule_bitserial_cpu(sch, accumulate, knobs, variant):
     sch.reorder(n, kt, yo, xo, i, j, yt, kv, xt, ki)
     sch.parallel(sch.fuse(n, kt, yo))
 
-    writeback = sch.cache_write(accumulate, 0, "local")
+    writeback = sch.cache_write(accumulate, 0, REGISTER_SCOPE)
     inline_consumers(sch, writeback)
     sch.reverse_compute_at(writeback, xo)
     for consumer in sch.get_consumers(writeback):  # the dequantization, where channels were padded
@@ -98,7 +100,7 @@ def schedule_bitserial_cpu(sch, accumulate, knobs, variant):
 
     # Unit loops kept: the trace must have the same loops whatever tile sizes MetaSchedule samples.
     sch.compute_at(plane_sum, j, preserve_unit_loops=True)
-    sch.set_scope(plane_sum, 0, "local")
+    sch.set_scope(plane_sum, 0, REGISTER_SCOPE)
     inner = sch.get_loops(plane_sum)[-11:]  # n, ko, i, j, y, x, lane, r, s, chunk, word
     pko, py, px, lane, r, s, ch, cw = (inner[idx] for idx in (1, 4, 5, 6, 7, 8, 9, 10))
     sch.reorder(r, s, ch, py, pko, px, lane, cw)
@@ -108,7 +110,7 @@ def schedule_bitserial_cpu(sch, accumulate, knobs, variant):
     init = sch.decompose_reduction(plane_sum, r)
     sch.vectorize(sch.get_loops(init)[-1])
     if kind in (arm_intrin.POPCOUNT_4x8, arm_intrin.POPCOUNT_4x16):
-        sch.tensorize(lane, kind)
+        sch.tensorize(lane, in_scope(kind, REGISTER_SCOPE))
     elif kind == SCALAR:
         sch.unroll(lane)
     for loop in (py, pko, px):
