@@ -35,7 +35,6 @@ granularity); :func:`compact_tile` sizes both to the target's register file.
 from tvm.target import codegen
 
 from ...schedule_rules import (
-    REGISTER_SCOPE,
     divisors,
     inline_consumers,
     inline_producers,
@@ -144,7 +143,7 @@ def _schedule_skip(sch, main, knobs, channel_mode: bool):
         sch.reorder(n, kt, p, q, c, r, s, kv, ki)
     sch.parallel(sch.fuse(n, kt, p))
 
-    writeback = sch.cache_write(main, 0, REGISTER_SCOPE)
+    writeback = sch.cache_write(main, 0, "local")
     inline_consumers(sch, writeback)
     sch.reverse_compute_at(writeback, q, preserve_unit_loops=True)
     for consumer in sch.get_consumers(writeback):  # a consumer that could not be inlined
@@ -173,7 +172,7 @@ def _schedule_compact(sch, main, knobs, rows: int, vectors: int):
     sch.reorder(n, l, jt, to, *reduction, ti, jv, ji)
     tile = sch.fuse(n, l, jt, to)
     sch.parallel(tile)
-    writeback = sch.cache_write(main, 0, REGISTER_SCOPE)
+    writeback = sch.cache_write(main, 0, "local")
     sch.reverse_compute_at(writeback, tile, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(writeback)[-1])
     sch.unroll(ti)
