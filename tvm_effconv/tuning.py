@@ -133,10 +133,11 @@ def load_records(directory: Path, target) -> Records:
 
     from .intrin import register_all
 
-    register_all(paths[1].read_text())  # replaying a record's trace needs the tensor intrinsics it names
+    records = _read_lines(paths[1], "record", found.problems)
+    register_all(json.dumps(records))  # replaying a record's trace needs the tensor intrinsics it names
     database, others, superseded = (ms.database.MemoryDatabase() for _ in range(3))
     foreign_targets: dict[str, int] = {}
-    for number, value in enumerate(_read_lines(paths[1], "record", found.problems), start=1):
+    for number, value in enumerate(records, start=1):
         if value is None:
             continue
         try:

@@ -9,6 +9,16 @@ import re
 SCOPED_NAME = re.compile(r"(effconv_[A-Za-z0-9_]+)_global\b")
 
 
+def is_registered(name: str) -> bool:
+    from tvm.s_tir import TensorIntrin
+
+    try:
+        TensorIntrin.get(name)
+    except Exception:  # noqa: BLE001 - TVM raises a plain error for unknown names
+        return False
+    return True
+
+
 def in_scope(name: str, scope: str) -> str:
     """The name of intrinsic ``name`` with its accumulator in ``scope``: ``name`` itself for "local";
     otherwise ``name_<scope>``, a copy with only the accumulator's scope changed, registered on first use
@@ -18,9 +28,7 @@ def in_scope(name: str, scope: str) -> str:
     if scope == "local":
         return name
     scoped = f"{name}_{scope}"
-    try:
-        TensorIntrin.get(scoped)
-    except Exception:  # noqa: BLE001 - TVM raises a plain error for unknown names
+    if not is_registered(scoped):
         import tvm
 
         base = TensorIntrin.get(name)
@@ -33,15 +41,10 @@ def in_scope(name: str, scope: str) -> str:
 def register_all(records: str = "") -> None:
     """Register every effconv tensor intrinsic that the traces in tuning records may name: the fixed ones,
     and the sized transposes and scoped copies that ``records`` (the text of a record file) names."""
-    from tvm.s_tir import TensorIntrin
-
     from . import arm, cuda, transpose, x86  # noqa: F401 - importing registers their fixed intrinsics
 
     cuda.register_all()
     transpose.register_named(records)
     for base in set(SCOPED_NAME.findall(records)):
-        try:
-            TensorIntrin.get(base)
-        except Exception:  # noqa: BLE001 - not a scoped copy (a transpose's name also ends in _global)
-            continue
-        in_scope(base, "global")
+        if is_registered(base):  # else not a scoped copy: a transpose's name also ends in _global
+            in_scope(base, "global")

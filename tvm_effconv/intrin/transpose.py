@@ -1,16 +1,17 @@
-"""In-register transpose of a register tile: B[lanes, rows] = A[rows, lanes]^T, both ``local`` buffers.
+"""In-register transpose of a register tile: B[lanes, rows] = A[rows, lanes]^T, both buffers of one
+scope (the CPU schedules' tile scope).
 
 The CPU kernels accumulate channels innermost (one SIMD register per output position) and write NCHW
-(positions innermost). Stored element by element, that write-out costs one extract and one scalar
-store per output value; on x86 with two FMA ports the extracts run on the second FMA port and took
-about a quarter of the grouped conv's time. Transposed in registers it costs ``log2(lanes)`` two-source
-shuffles per register, after which each channel's row of positions is one vector store.
+(positions innermost). Stored element by element, that write-out costs one lane extract and one scalar
+store per output value; on x86 with two FMA units the extracts run on the second one's port.
+Transposed in registers it costs ``log2(lanes)`` two-source shuffles per register, after which each
+channel's row of positions is one vector store (5% on the VarG reference layer, Emerald Rapids).
 
 The transpose swaps one bit of the row index with the same bit of the lane index per stage (rows padded
 with zeros to a multiple of ``lanes``, a power of two); LLVM lowers each stage's two-source shuffles to
 unpack / shuffle / permute instructions. Intrinsics are registered on first use
-(:func:`transpose_intrin`): one per (rows, lanes, dtype), ~0.05 s each, and a tuning record names the ones
-its trace tensorizes with, which :func:`register_named` registers before a database is applied.
+(:func:`transpose_intrin`): one per (rows, lanes, dtype, scope), ~0.05 s each, and a tuning record names
+the ones its trace tensorizes with, which :func:`register_named` registers before a database is applied.
 """
 
 import re
@@ -18,6 +19,8 @@ import re
 from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+from . import is_registered
 
 NAME_PATTERN = re.compile(r"effconv_transpose_(\d+)x(\d+)_(float32|int32)_(global|local)")
 
@@ -70,17 +73,8 @@ def _intrin(rows: int, lanes: int, dtype: str, scope: str):
                     vr, vc = T.axis.remap("SS", [r, c])
                     B[vc, vr] = A[vr, vc]
 
-    @T.prim_func(s_tir=True)
-    def skeleton(a: T.handle, b: T.handle) -> None:
-        a_stride, b_stride = T.int32(), T.int32()
-        A = T.match_buffer(a, (rows, lanes), dtype, strides=[a_stride, 1], offset_factor=1, scope=scope)
-        B = T.match_buffer(b, (lanes, rows), dtype, strides=[b_stride, 1], offset_factor=1, scope=scope)
-        with T.sblock("root"):
-            T.reads(A[0:rows, 0:lanes])
-            T.writes(B[0:lanes, 0:rows])
-            T.evaluate(0)
-
-    root = skeleton.body.block
+    # the implementation: the description's buffers, reads and writes, with the shuffles as its body
+    root = description.body.block
     a, b = root.reads[0].source, root.writes[0].source
     zero = tirx.Broadcast(tirx.const(0, dtype), lanes)
     loads = [tirx.BufferLoad(a, [tirx.IntImm("int32", r), tirx.Ramp(0, 1, lanes)]) for r in range(rows)]
@@ -93,16 +87,14 @@ def _intrin(rows: int, lanes: int, dtype: str, scope: str):
         value = tirx.Shuffle([chunk[c] for chunk in chunks], _indices(range(rows)))
         body.append(tirx.BufferStore(b, value, [tirx.IntImm("int32", c), tirx.Ramp(0, 1, rows)]))
     block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, tirx.SeqStmt(body))
-    return description, skeleton.with_body(s_tir.SBlockRealize([], True, block))
+    return description, description.with_body(s_tir.SBlockRealize([], True, block))
 
 
 def transpose_intrin(rows: int, lanes: int, dtype: str, scope: str) -> str:
     """The name of the transpose intrinsic of (rows, lanes, dtype) tiles in buffers of ``scope``,
     registered if it is not yet."""
     name = transpose_name(rows, lanes, dtype, scope)
-    try:
-        TensorIntrin.get(name)
-    except Exception:  # noqa: BLE001 - TVM raises a plain error for unknown names
+    if not is_registered(name):
         TensorIntrin.register(name, *_intrin(rows, lanes, dtype, scope), override=True)
     return name
 
