@@ -168,10 +168,9 @@ def test_sampled_knobs_build_and_compute_on_the_host(seed):
 def test_write_out_transposes_the_register_tile_on_x86_only(key, preset_name):
     from tvm import s_tir
 
-    from tvm_effconv.schedule_rules import RULES
-
     from tvm_effconv.intrin.transpose import transpose_name
     from tvm_effconv.ops.varg import cpu
+    from tvm_effconv.schedule_rules import RULES
 
     target = get_preset(preset_name).target
     func, _, _ = kernel_case(SHAPES["gb8-factor2-stride1-odd"], target, 0)

@@ -155,19 +155,21 @@ def tile_grouped_conv(sch, conv, lanes: int, groups: int, tiles):
     return loops
 
 
-def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None, transpose=None,
-                            scope=REGISTER_SCOPE) -> None:
-    """``block``'s tile accumulates in registers (a small buffer in ``scope``) over the ``reduction``
-    loop and the ``unrolled`` tile loops, the ``vector`` loop (if given) vectorised; ``writeback`` (its
-    consumer: bias, activation) runs once per tile, at loop ``at``, its tile loops unrolled. With
-    ``transpose`` (lanes per register, positions per tile row) the tile is first transposed in registers
-    (:func:`transpose_tile`) and the write-out vectorised along the positions."""
-    sch.set_scope(block, 0, scope)
+def accumulate_in_registers(sch, block, writeback, at, reduction, unrolled, vector=None,
+                            transpose_lanes=None) -> None:
+    """``block``'s tile accumulates in registers (a small buffer in REGISTER_SCOPE) over the
+    ``reduction`` loop and the ``unrolled`` tile loops, the ``vector`` loop (if given) vectorised;
+    ``writeback`` (its consumer: bias, activation) runs once per tile, at loop ``at``, its tile loops
+    unrolled. With ``transpose_lanes`` (lanes per register) and more than one position per tile row, the
+    tile is first transposed in registers (:func:`transpose_tile`) and the write-out vectorised along the
+    positions."""
+    sch.set_scope(block, 0, REGISTER_SCOPE)
     depth = 1 + [sch.get(loop).same_as(sch.get(at)) for loop in sch.get_loops(block)].index(True)
     sch.reverse_compute_at(writeback, at, preserve_unit_loops=True)
-    tile_loops = sch.get_loops(writeback)[depth:]
-    if transpose is not None:
-        transpose_tile(sch, block, writeback, *transpose)
+    tile_loops = sch.get_loops(writeback)[depth:]  # an NCHW write-out's (n, k, y, x): positions last
+    rows = extent(sch, tile_loops[-1])
+    if transpose_lanes is not None and rows > 1:
+        transpose_tile(sch, block, writeback, transpose_lanes, rows)
         sch.vectorize(tile_loops[-1])
         tile_loops = tile_loops[:-1]
     for loop in tile_loops:
@@ -249,9 +251,8 @@ def schedule_varg_conv2d_cpu(sch, conv, knobs, variant="default", transposed_wri
         sch.reorder(loops["ri"], loops["lane"])
         unrolled.append(loops["ri"])
     vector = None if intrinsic not in (None, PLAIN) else loops["lane"]
-    rows = extent(sch, loops["xt"])
-    transpose = (lanes, rows) if transposed_writeout and rows > 1 else None
-    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"], unrolled, vector, transpose)
+    accumulate_in_registers(sch, conv, writeback, loops["xo"], loops["rc"], unrolled, vector,
+                            lanes if transposed_writeout else None)
     if vector is None:
         sch.tensorize(loops["lane"], in_scope(intrinsic, REGISTER_SCOPE))
     for consumer in sch.get_consumers(writeback):  # blocks that could not be inlined
@@ -317,9 +318,8 @@ def schedule_varg_separable_cpu(sch, pointwise, knobs, variant="default", transp
     tile = sch.fuse(n, yo, xo)
     sch.parallel(tile)
     inline_consumers(sch, writeback)
-    rows = extent(sch, xt)
-    transpose = (out_lanes, rows) if transposed_writeout and rows > 1 else None
-    accumulate_in_registers(sch, pointwise, writeback, xi, rm, [yt, xt, kv], lane, transpose)
+    accumulate_in_registers(sch, pointwise, writeback, xi, rm, [yt, xt, kv], lane,
+                            out_lanes if transposed_writeout else None)
 
     # the cache tile's intermediate, all its channels, written by the grouped conv's register tiles
     sch.compute_at(mid, tile, preserve_unit_loops=True)
